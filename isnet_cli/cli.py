@@ -34,7 +34,7 @@ for module in (data, train, predict, explain, export, evaluate, audit, info):
 def main() -> None:
     """Console entry point: library errors become one-line messages with their exit codes."""
     try:
-        cli.main(standalone_mode=False)
+        rc = cli.main(standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -46,3 +46,4 @@ def main() -> None:
     except IsnetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)

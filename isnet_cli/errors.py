@@ -27,6 +27,10 @@ class InputError(IsnetError):
         where = f"{self.path}: " if self.path else ""
         super().__init__(f"{where}{problem}" + (f"; {fix}" if fix else ""))
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[str | None, str, str | None]]:
+        # DataLoader workers pickle exceptions back to the main process: keep the three parts.
+        return (type(self), (self.path, self.problem, self.fix))
+
 
 class ModelError(IsnetError):
     """A model the tool cannot use (untraceable graph, unsupported layer, bad checkpoint): exit 2."""
