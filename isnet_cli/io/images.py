@@ -1,0 +1,209 @@
+"""Turn any supported image file into a float32 (H, W) image in [0, 1], air dark, plus a record.
+
+Dispatch by content and suffix: DICOM (`isnet_cli.io.dicom`), PNG/JPEG/TIFF/BMP (Pillow),
+NIfTI/MHA/MHD/NRRD (SimpleITK, 2-D only). Every decision lands in `Decoded.record`, which
+predict/explain print in their JSON so that a user can see what was done to a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isnet_cli.errors import InputError
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+SUPPORTED_SUFFIXES = PILLOW_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
+WINDOW_POLICIES = ("dicom-window", "minmax", "percentile")
+
+
+@dataclass
+class Decoded:
+    """`image`: float32 (H, W) in [0, 1], air dark; `record`: what was done (JSON-serialisable)."""
+
+    image: np.ndarray
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def brief(exc: BaseException, limit: int = 140) -> str:
+    """`Type: first clause of the message`, short enough for a one-line error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(" - ")[0]
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def suffix_of(path: Path) -> str:
+    """Lower-case suffix, with the double suffix `.nii.gz` kept whole."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def has_dicom_magic(path: Path) -> bool:
+    """True when the file has the 128-byte preamble followed by b'DICM'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def detect_format(path: Path) -> str:
+    """`dicom`, `pillow` or `itk` from the suffix; files without a known suffix are DICOM if they say so."""
+    suffix = suffix_of(path)
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in PILLOW_SUFFIXES:
+        return "pillow"
+    if suffix in ITK_SUFFIXES:
+        return "itk"
+    if has_dicom_magic(path) or suffix == "":
+        return "dicom"  # DICOM files often have no suffix at all (and old ones no preamble either)
+    raise InputError(path, f"unsupported file type {suffix!r}", f"use one of {', '.join(SUPPORTED_SUFFIXES)} or DICOM")
+
+
+def check_policy(window: str) -> None:
+    if window not in WINDOW_POLICIES:
+        raise InputError(None, f"unknown window policy {window!r}", f"use one of {', '.join(WINDOW_POLICIES)}")
+
+
+def scale_unsigned(arr: np.ndarray, nominal_bits: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Unsigned integers -> [0, 1]: v / (2^b - 1).
+
+    8-bit data: b = 8. Deeper data (16-bit PNG/TIFF often holds 10-12-bit values): b = the smallest
+    bit depth that holds the image's maximum, at most the nominal one, so a 12-bit image stored in 16 bits
+    is not crushed into the bottom 1/16 of the range; full precision is kept either way (float32).
+    """
+    top = int(arr.max()) if arr.size else 0
+    if nominal_bits <= 8:
+        bits, how = 8, "8-bit max (255)"
+    else:
+        bits = min(nominal_bits, max(8, top.bit_length()))
+        how = f"{nominal_bits}-bit max" if bits == nominal_bits else f"effective {bits}-bit max (image max {top})"
+        how += f" ({2**bits - 1})"
+    return (arr.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0), {"bits": nominal_bits, "scaling": how}
+
+
+def scale_range(
+    arr: np.ndarray, window: str, percentiles: tuple[float, float], valid: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Real-valued data -> [0, 1] by min-max, or by clipping at `percentiles` (`percentile` policy).
+
+    v = (x - lo) / (hi - lo), clipped; `valid` excludes padding pixels from lo/hi.
+    """
+    values = arr[valid] if valid is not None else arr.ravel()
+    if values.size == 0:
+        values = arr.ravel()
+    if window == "percentile":
+        lo, hi = (float(v) for v in np.percentile(values, percentiles))
+        how = f"percentile {percentiles[0]}-{percentiles[1]}"
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        how = "minmax"
+    out = np.zeros(arr.shape, np.float32) if hi <= lo else ((arr - lo) / (hi - lo)).astype(np.float32)
+    return out.clip(0.0, 1.0), {"scaling": how, "range": [lo, hi]}
+
+
+def to_grey(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """(H, W, C) -> (H, W) by ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B); alpha dropped."""
+    if arr.ndim == 2:
+        return arr, None
+    if arr.shape[2] in (2, 4):  # grey+alpha / RGBA
+        arr = arr[..., :-1]
+    if arr.shape[2] == 1:
+        return arr[..., 0], None
+    weights = np.array([0.299, 0.587, 0.114], np.float64)
+    return (arr[..., :3].astype(np.float64) @ weights).astype(arr.dtype), "RGB -> grey (0.299 R + 0.587 G + 0.114 B)"
+
+
+def read_pillow_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Raw pixel array of a PNG/JPEG/TIFF/BMP (grey; colour converted), and its mode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1:
+                raise InputError(path, f"multi-page image ({n_frames} pages) is not supported", "save one page")
+            mode = im.mode
+            if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                im = im.convert("RGB" if mode != "1" else "L")
+            arr = np.asarray(im)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(path, f"cannot read image ({brief(exc)})") from None
+    arr, converted = to_grey(arr)
+    record: dict[str, Any] = {"format": "pillow", "mode": mode}
+    if converted:
+        record["colour"] = converted
+    return arr, record
+
+
+def read_itk_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Raw 2-D pixel array of a NIfTI/MHA/NRRD file; singleton dimensions squeezed, anything else refused."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InputError(path, f"cannot read image ({first})") from None
+    arr = sitk.GetArrayFromImage(img)
+    record: dict[str, Any] = {
+        "format": "itk",
+        "itk_pixel_type": img.GetPixelIDTypeAsString(),
+        "dims": img.GetDimension(),
+    }
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr, converted = to_grey(arr)
+        if converted:
+            record["colour"] = converted
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise InputError(path, f"image has shape {list(arr.shape)}: only 2-D images are supported", "save one slice")
+    return arr, record
+
+
+def load_image(
+    path: str | Path, window: str = "dicom-window", percentiles: tuple[float, float] = (0.5, 99.5)
+) -> Decoded:
+    """Any supported file -> `Decoded` (float32 (H, W) in [0, 1], air dark, plus a record). Raises InputError.
+
+    Scaling: unsigned 8-bit: v / 255; deeper unsigned integers: see `scale_unsigned`; signed or float
+    data (NIfTI/MHA): min-max, or percentiles with `window="percentile"`; DICOM: see `isnet_cli.io.dicom`.
+    """
+    path = Path(path)
+    check_policy(window)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "not a file")
+    kind = detect_format(path)
+    if kind == "dicom":
+        from isnet_cli.io.dicom import read_dicom
+
+        return read_dicom(path, window=window, percentiles=percentiles)
+    arr, record = read_pillow_array(path) if kind == "pillow" else read_itk_array(path)
+    if arr.size == 0 or min(arr.shape) < 2:
+        raise InputError(path, f"image is too small ({'x'.join(map(str, arr.shape))})")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    unsigned = np.issubdtype(arr.dtype, np.unsignedinteger)
+    # Pillow's 16-bit modes ("I;16", "I") may come as int32: non-negative integers from Pillow count as unsigned.
+    if unsigned or (kind == "pillow" and np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0):
+        nominal = 8 if arr.dtype.itemsize == 1 else 16 if arr.max() < 2**16 else 8 * arr.dtype.itemsize
+        image, scaling = scale_unsigned(arr, nominal)
+    else:
+        policy = "minmax" if window == "dicom-window" else window
+        image, scaling = scale_range(arr.astype(np.float64), policy, percentiles)
+        if window == "dicom-window":
+            scaling["window_fallback"] = "no DICOM window in this format: minmax"
+    record.update(scaling)
+    record.update({"path": str(path), "shape": list(image.shape), "window_policy": window, "inverted": False})
+    return Decoded(np.ascontiguousarray(image, np.float32), record)

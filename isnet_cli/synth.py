@@ -1,0 +1,251 @@
+"""Synthetic chest-X-ray phantoms with exact lung masks and an optional background shortcut.
+
+Each phantom is a float image in [0, 1] (air dark) built from simple shapes:
+body ellipse (soft tissue) -> two lung fields (dark, rib-like texture) -> mediastinum and heart
+(bright) -> diaphragm domes (lungs end at a curved lower border). The lung mask is exact.
+Class 0 (`normal`) has no lesion; class k >= 1 has a lesion inside a lung whose pattern depends on k
+(1: one round opacity, 2: basal haze, 3+: several small nodules). The shortcut marker is a bright
+letter-like glyph in a corner outside the body, so it never touches a lung.
+
+Deterministic for a seed: image i depends only on (seed, i) and its label.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from isnet_cli.errors import InputError
+
+Bias = float | Literal["flip"] | None
+
+# 5x5 glyphs ("L", "R", "A"), the kind of side markers burned into real radiographs.
+_GLYPHS = (
+    np.array([[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]),
+    np.array([[1, 1, 1, 1, 0], [1, 0, 0, 0, 1], [1, 1, 1, 1, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]]),
+    np.array([[0, 1, 1, 1, 0], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1]]),
+)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """One generated phantom: `image` float32 (S, S) in [0, 1], `mask` bool (S, S), and what is in it."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    label: int
+    marker: bool
+
+
+def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    """Inside test ((y - cy) / ry)^2 + ((x - cx) / rx)^2 <= 1."""
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, sigma: float) -> np.ndarray:
+    """Gaussian bump exp(-r^2 / (2 sigma^2)), peak 1."""
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2.0 * sigma**2))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a coarse random grid, bilinearly upsampled."""
+    from PIL import Image
+
+    coarse = rng.uniform(-1.0, 1.0, (cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+
+
+def make_phantom(
+    rng: np.random.Generator,
+    size: int,
+    label: int,
+    marker: bool,
+    contrast: float = 0.22,
+) -> Phantom:
+    """Draw one phantom; lesion peak brightness above the lung is `contrast` (in [0, 1] units)."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731  (short alias for readability)
+    # Lesion and marker draw from their own streams: the anatomy and noise of a phantom do not depend on
+    # its label or marker, so label-0 and label-1 versions of one phantom differ only inside the lungs.
+    lesion_rng, marker_rng = rng.spawn(2)
+    lu = lambda lo, hi: float(lesion_rng.uniform(lo, hi))  # noqa: E731
+
+    # Body: soft tissue ellipse; air around it stays dark.
+    img = np.full((size, size), u(0.02, 0.06), np.float32)
+    body = _ellipse(yy, xx, s * u(0.52, 0.56), s * u(0.48, 0.52), s * u(0.44, 0.48), s * u(0.38, 0.42))
+    img[body] = u(0.50, 0.60)
+
+    # Lungs: two ellipses either side of the midline, cut below by diaphragm domes.
+    mid = s * u(0.48, 0.52)
+    top = s * u(0.18, 0.24)
+    mask = np.zeros((size, size), bool)
+    lungs = []
+    for side in (-1, 1):
+        rx = s * u(0.13, 0.16)
+        ry = s * u(0.27, 0.31)
+        cx = mid + side * (s * u(0.04, 0.06) + rx)
+        cy = top + ry
+        dome_y = cy + ry * u(0.55, 0.7) - (s * 0.10) * np.exp(-(((xx - cx) / rx) ** 2))
+        lung = _ellipse(yy, xx, cy, cx, ry, rx) & (yy < dome_y) & body
+        lungs.append((lung, cy, cx, ry, rx))
+        mask |= lung
+    lung_level = u(0.18, 0.26)
+    img[mask] = lung_level
+
+    # Ribs: slanted bright bands in the lungs (texture the model must look through).
+    period = s * u(0.09, 0.11)
+    phase = u(0.0, 2 * np.pi)
+    for side, (lung, *_rest) in zip((-1, 1), lungs, strict=True):
+        bands = 0.5 + 0.5 * np.sin(2 * np.pi * (yy + side * 0.35 * (xx - mid)) / period + phase)
+        img[lung] += 0.07 * (bands[lung] ** 4)
+
+    # Mediastinum and heart: bright between the lungs; the heart bulges into the left lung (image right).
+    medi = body & ~mask & (np.abs(xx - mid) < s * 0.08) & (yy > top * 0.6)
+    img[medi] = np.maximum(img[medi], u(0.62, 0.70))
+    heart = _ellipse(yy, xx, s * u(0.62, 0.66), mid + s * u(0.05, 0.08), s * 0.12, s * 0.12) & body
+    img[heart & ~mask] = np.maximum(img[heart & ~mask], u(0.62, 0.70))
+    img[heart & mask] += 0.10  # overlap is denser, not masked out (the mask is the lung field)
+    sick = int(rng.integers(0, 2))  # the lung that gets the lesion, if any
+
+    # Lesion: restricted to the lung mask so the label lives only inside the lungs.
+    if label >= 1:
+        kind = (label - 1) % 3
+        lung, cy, cx, ry, rx = lungs[sick]
+        if kind == 0:
+            sigma = s * lu(0.06, 0.08)
+            ly, lx = cy + lu(-0.4, 0.3) * ry, cx + lu(-0.35, 0.35) * rx
+            lesion = _blob(yy, xx, ly, lx, sigma)
+        elif kind == 1:
+            lesion = np.clip((yy - (cy + 0.1 * ry)) / (0.5 * ry), 0.0, 1.0) * 0.9
+        else:
+            lesion = np.zeros_like(img)
+            for _ in range(4):
+                lesion = np.maximum(
+                    lesion,
+                    _blob(yy, xx, cy + lu(-0.6, 0.5) * ry, cx + lu(-0.5, 0.5) * rx, s * 0.03),
+                )
+        img[lung] += contrast * lu(0.9, 1.1) * lesion[lung]
+
+    # Film texture and quantum noise, everywhere.
+    img += 0.03 * _smooth_noise(rng, size, 6)
+    img += rng.normal(0.0, 0.012, img.shape).astype(np.float32)
+
+    # Marker: bright glyph in a corner, placed only where the body (hence the lungs) is absent.
+    if marker:
+        glyph = _GLYPHS[int(marker_rng.integers(0, len(_GLYPHS)))]
+        cell = max(1, round(s / 32))
+        g = np.kron(glyph, np.ones((cell, cell), int)).astype(bool)
+        gh, gw = g.shape
+        margin = max(1, round(s * 0.03))
+        corner = int(marker_rng.integers(0, 2))  # top-left or top-right: always outside the body ellipse
+        y0 = margin
+        x0 = margin if corner == 0 else size - margin - gw
+        patch = img[y0 : y0 + gh, x0 : x0 + gw]
+        free = ~body[y0 : y0 + gh, x0 : x0 + gw]
+        patch[g & free] = float(marker_rng.uniform(0.9, 1.0))
+
+    return Phantom(np.clip(img, 0.0, 1.0).astype(np.float32), mask, label, marker)
+
+
+def marker_probability(bias: Bias, label: int) -> float:
+    """P(marker | label): `bias` for class 1, 1 - bias for the others; "flip": class 0 only; None: never."""
+    if bias is None:
+        return 0.0
+    if bias == "flip":
+        return 1.0 if label == 0 else 0.0
+    p = float(bias)
+    return p if label == 1 else 1.0 - p
+
+
+def parse_bias(value: str | float | None) -> Bias:
+    """`none`/None, `flip`, or a probability in [0, 1]."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, str) and value.lower() == "flip":
+        return "flip"
+    try:
+        p = float(value)
+    except ValueError:
+        raise InputError(None, f"bias {value!r} is not a number, 'flip' or 'none'", "use e.g. --bias 1.0") from None
+    if not 0.0 <= p <= 1.0:
+        raise InputError(None, f"bias {p} is outside [0, 1]", "use a probability, 'flip' or 'none'")
+    return p
+
+
+def synthesize(
+    out: str | Path,
+    n: int = 400,
+    size: int = 64,
+    bias: Bias = None,
+    classes: Sequence[str] = ("normal", "opacity"),
+    fmt: Literal["png", "dcm"] = "png",
+    seed: int = 0,
+    photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2",
+    bits: int = 8,
+    compression: str | None = None,
+    contrast: float = 0.22,
+    progress: bool = False,
+) -> Path:
+    """Write `n` phantoms (balanced classes) to OUT/images, OUT/masks and OUT/manifest.csv; return the manifest.
+
+    Manifest columns: image, mask, label (class name), marker (0/1: the shortcut is present).
+    Images are PNG (8-bit, or 16-bit when `bits` > 8) or DICOM (`fmt="dcm"`, see `isnet_cli.io.dicom.write_dicom`);
+    masks are always 8-bit PNG {0, 255}.
+    """
+    from PIL import Image
+
+    from isnet_cli.progress import track
+
+    classes = list(classes)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise InputError(None, f"classes {classes} must be at least two distinct names", "e.g. normal,opacity")
+    if n < 1 or size < 16:
+        raise InputError(None, f"need n >= 1 and size >= 16 (got n={n}, size={size})")
+    if fmt not in ("png", "dcm"):
+        raise InputError(None, f"unknown format {fmt!r}", "use png or dcm")
+    if bits not in (8, 12, 16):
+        raise InputError(None, f"bits must be 8, 12 or 16 (got {bits})")
+    if fmt == "png" and compression:
+        raise InputError(None, "compression applies to DICOM only", "add --format dcm")
+    bias = parse_bias(bias) if isinstance(bias, str) else bias
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+
+    # Balanced labels in a seeded random order; each image then has its own stream (seed, i).
+    labels = np.random.default_rng(seed).permutation(np.arange(n) % len(classes))
+    rows = []
+    for i in track(range(n), "synthesising", total=n, enabled=progress):
+        label = int(labels[i])
+        rng = np.random.default_rng([seed, i])
+        marker = bool(rng.random() < marker_probability(bias, label))
+        ph = make_phantom(rng, size, label, marker, contrast)
+        stem = f"{i:05d}_{classes[label]}"
+        mask_rel = f"masks/{stem}.png"
+        Image.fromarray(ph.mask.astype(np.uint8) * 255).save(out / mask_rel)
+        if fmt == "png":
+            image_rel = f"images/{stem}.png"
+            if bits == 8:
+                Image.fromarray(np.round(ph.image * 255).astype(np.uint8)).save(out / image_rel)
+            else:
+                top = 2**bits - 1
+                Image.fromarray(np.round(ph.image * top).astype(np.uint16)).save(out / image_rel)
+        else:
+            from isnet_cli.io.dicom import write_dicom
+
+            image_rel = f"images/{stem}.dcm"
+            write_dicom(out / image_rel, ph.image, photometric=photometric, bits=bits, compression=compression)
+        rows.append({"image": image_rel, "mask": mask_rel, "label": classes[label], "marker": int(marker)})
+
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "mask", "label", "marker"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up ./.venv if needed, lints, runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup
+.venv/bin/ruff check isnet_cli tests benchmarks
+.venv/bin/python -m pytest -q "$@"
