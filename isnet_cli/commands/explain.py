@@ -1,0 +1,140 @@
+"""`isnet explain`: LRP heatmap overlays (+ raw relevance, + in-mask shares) for files, folders, manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+MODEL_HELP = "Checkpoint or run folder (default: newest run under runs/)."
+
+
+@click.command("explain")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--arch", default=None, help="Architecture of a plain state dict given with --weights (e.g. resnet18).")
+@click.option(
+    "--weights", type=click.Path(dir_okay=False), default=None, help="Plain torch state dict (.pt) for --arch."
+)
+@click.option(
+    "--target",
+    default="predicted",
+    show_default=True,
+    help="What to explain: 'predicted', a class name or a class index.",
+)
+@click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Lung mask of a single INPUT.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(),
+    required=True,
+    help="PNG file for one input; a folder (one PNG per input + summary.csv) for several.",
+)
+@click.option(
+    "--raw",
+    type=click.Path(),
+    default=None,
+    help="Also save the relevance at the original geometry: .npy or .nii.gz file (one input) or a folder of .npy.",
+)
+@click.option("--side-by-side", is_flag=True, help="Show the plain X-ray beside the overlay.")
+@click.option(
+    "--rule",
+    type=click.Choice(["epsilon", "zplus", "alphabeta"]),
+    default="epsilon",
+    show_default=True,
+    help="LRP rule for conv/linear layers (zB at the first layer in all cases).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(
+    inputs: tuple[str, ...],
+    model: str | None,
+    arch: str | None,
+    weights: str | None,
+    target: str,
+    mask: str | None,
+    out: str,
+    raw: str | None,
+    side_by_side: bool,
+    rule: str,
+    as_json: bool,
+    device: str,
+    fail_fast: bool,
+    no_progress: bool,
+) -> None:
+    """Explain the model's decision on every INPUT with an LRP heatmap overlay.
+
+    One file gives one PNG at --out; several inputs (folders, manifest CSVs, '-' = paths on stdin)
+    give one PNG each in the --out folder plus summary.csv. With a lung mask (--mask, or the mask
+    column of a manifest) the share of positive relevance and of |R| inside the mask is reported.
+
+    \b
+    Example:
+      isnet explain scan.dcm --mask lungs.png --out heatmap.png --raw heatmap.npy
+    """
+    from isnet_cli.errors import InputError
+    from isnet_cli.explain import explain_many, load_explainer, write_summary
+    from isnet_cli.io.inputs import expand_inputs
+    from isnet_cli.predict import say, say_error
+    from isnet_cli.progress import make_progress, progress_enabled
+
+    samples = expand_inputs(list(inputs))
+    first = inputs[0]
+    single = len(inputs) == 1 and len(samples) == 1 and first != "-" and Path(first).is_file()
+    single = single and not first.lower().endswith(".csv")
+    if mask is not None and not single:
+        raise click.UsageError("--mask goes with a single INPUT; use a manifest with a mask column for several")
+    out_path = Path(out)
+    raw_path = None if raw is None else Path(raw)
+    if single:
+        if out_path.suffix.lower() != ".png":
+            raise click.UsageError(f"--out {out}: one input gives one PNG; name a .png file")
+        if raw_path is not None and not raw_path.name.lower().endswith((".npy", ".nii.gz", ".nii")):
+            raise click.UsageError(f"--raw {raw}: use a .npy or .nii.gz file")
+    else:
+        if out_path.suffix.lower() == ".png":
+            raise click.UsageError(f"--out {out}: several inputs need a folder, not a .png file")
+        out_path.mkdir(parents=True, exist_ok=True)
+        if raw_path is not None:
+            raw_path.mkdir(parents=True, exist_ok=True)
+    explainer = load_explainer(model, arch=arch, weights=weights, rule=rule, device=device)
+    explainer.resolve_target(target)  # a bad --target fails before any work
+    done = []
+    failures = 0
+    with make_progress(progress_enabled(no_progress) and len(samples) > 1) as progress:
+        task = progress.add_task("explain", total=len(samples))
+        for item in explain_many(
+            explainer,
+            samples,
+            target,
+            out_dir=None if single else out_path,
+            raw_dir=None if single else raw_path,
+            single_out=out_path if single else None,
+            single_raw=raw_path if single else None,
+            mask=mask,
+            side_by_side=side_by_side,
+            fail_fast=fail_fast,
+            on_item=lambda: progress.advance(task),
+        ):
+            if isinstance(item, tuple):
+                failures += 1
+                say_error(item[1])
+                continue
+            done.append(item)
+            if as_json:
+                click.echo(json.dumps(item.to_json()))
+            line = f"{item.file}: '{item.target}' p={item.probability:.3f} -> {item.png}"
+            if item.abs_share_in_mask is not None:
+                line += (
+                    f"; in mask: {item.positive_share_in_mask:.1%} of positive relevance, "
+                    f"{item.abs_share_in_mask:.1%} of |R|"
+                )
+            say(line)
+    if not single and done:
+        summary = write_summary(out_path / "summary.csv", done)
+        say(f"{len(done)} explained, {failures} failed; summary in {summary}")
+    if failures:
+        raise InputError(None, f"{failures} of {len(samples)} inputs could not be explained (listed above)")

@@ -1,0 +1,339 @@
+"""LRP explanations of files: preprocessing from the model's contract, relevance, figures, mask shares.
+
+The library behind `isnet explain`. A file is preprocessed only through
+`isnet_cli.io.preprocess.preprocess_file` with the checkpoint's input contract, explained with the
+LRP engine at the model input, and the relevance (summed over input channels) is mapped back to the
+original image geometry with `unletterbox` for the figure and the raw output. Mask shares are
+computed on the model-input grid, where the relevance is exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.io.contract import InputContract
+
+RULES = ("epsilon", "zplus", "alphabeta")
+RAW_SUFFIXES = (".npy", ".nii.gz", ".nii")
+SUMMARY_COLUMNS = (
+    "file",
+    "png",
+    "predicted",
+    "target",
+    "probability",
+    "relevance_sum",
+    "positive_share_in_mask",
+    "abs_share_in_mask",
+)
+
+
+@dataclass
+class Explanation:
+    """One explained input: what was explained, the relevance map at the original geometry, shares."""
+
+    file: str
+    predicted: str
+    target: str
+    target_index: int
+    probability: float
+    probabilities: dict[str, float]
+    relevance: np.ndarray  # (H, W) float32, original geometry, input channels summed
+    image: np.ndarray  # (H, W) decoded image in [0, 1]
+    mask: np.ndarray | None  # (H, W) bool at original geometry
+    relevance_sum: float  # Σ R at the model input
+    positive_share_in_mask: float | None = None  # Σ_in R⁺ / Σ R⁺
+    abs_share_in_mask: float | None = None  # Σ_in |R| / Σ |R|
+    record: dict[str, Any] = field(default_factory=dict)
+    png: str | None = None
+    raw: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "predicted": self.predicted,
+            "target": self.target,
+            "probability": round(self.probability, 6),
+            "probabilities": self.probabilities,
+            "relevance_sum": self.relevance_sum,
+            "positive_share_in_mask": self.positive_share_in_mask,
+            "abs_share_in_mask": self.abs_share_in_mask,
+            "png": self.png,
+            "raw": self.raw,
+            "preprocessing": self.record,
+        }
+
+    def summary_row(self) -> list[Any]:
+        def fmt(v: float | None) -> str:
+            return "" if v is None else f"{v:.6g}"
+
+        return [
+            self.file,
+            self.png or "",
+            self.predicted,
+            self.target,
+            f"{self.probability:.6f}",
+            fmt(self.relevance_sum),
+            fmt(self.positive_share_in_mask),
+            fmt(self.abs_share_in_mask),
+        ]
+
+
+def mask_shares(relevance: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(Σ_in R⁺ / Σ R⁺, Σ_in |R| / Σ |R|) for a relevance map and a same-shaped bool mask (0 if no mass)."""
+    pos = np.clip(relevance, 0.0, None)
+    mag = np.abs(relevance)
+    pos_total, mag_total = float(pos.sum()), float(mag.sum())
+    pos_share = float(pos[mask].sum()) / pos_total if pos_total > 0 else 0.0
+    abs_share = float(mag[mask].sum()) / mag_total if mag_total > 0 else 0.0
+    return pos_share, abs_share
+
+
+def write_raw(path: str | Path, relevance: np.ndarray) -> Path:
+    """Save an (H, W) relevance map as .npy (float32) or NIfTI (.nii/.nii.gz via SimpleITK)."""
+    path = Path(path)
+    name = path.name.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".npy"):
+        from isnet_cli.checkpoint import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.save(buffer, relevance.astype(np.float32))
+        atomic_write_bytes(path, buffer.getvalue())
+    elif name.endswith((".nii.gz", ".nii")):
+        import SimpleITK as sitk
+
+        sitk.WriteImage(sitk.GetImageFromArray(relevance.astype(np.float32)), str(path))
+    else:
+        raise InputError(path, "unsupported --raw format", f"use one of {', '.join(RAW_SUFFIXES)}")
+    return path
+
+
+class Explainer:
+    """A loaded model with its class names, input contract and LRP engine."""
+
+    def __init__(
+        self, model: Any, classes: list[str], contract: InputContract, rule: str, epsilon: float, device: Any
+    ) -> None:
+        from isnet_cli.lrp import LRP
+
+        if rule not in RULES:
+            raise InputError(None, f"unknown rule {rule!r}", f"use one of {', '.join(RULES)}")
+        self.model = model.eval()
+        self.classes = classes
+        self.contract = contract
+        self.device = device
+        self.lrp = LRP(model, epsilon=epsilon, low=contract.low, high=contract.high, rule=rule)
+
+    def resolve_target(self, target: str) -> str | int:
+        """'predicted', a class name or a class index -> what the engine explains."""
+        if target == "predicted":
+            return target
+        if target in self.classes:
+            return self.classes.index(target)
+        if re.fullmatch(r"\d+", target) and int(target) < len(self.classes):
+            return int(target)
+        raise InputError(
+            None,
+            f"--target {target!r} is not 'predicted', a class name or an index",
+            f"classes: {', '.join(self.classes)}",
+        )
+
+    def explain_array(self, x: np.ndarray, target: str | int) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (K,), relevance (C, S, S)) for one preprocessed input (C, S, S)."""
+        import torch
+
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
+        with torch.no_grad():
+            r = self.lrp(xt, target)
+            probs = torch.softmax(self.lrp.logits.float(), dim=1)
+        return probs[0].cpu().numpy(), r[0].float().cpu().numpy()
+
+
+def load_explainer(
+    model: str | None = None,
+    arch: str | None = None,
+    weights: str | None = None,
+    rule: str = "epsilon",
+    device: str = "auto",
+    runs_dir: str | Path = "runs",
+) -> Explainer:
+    """An `Explainer` for a checkpoint (`model`: file, run folder or None = newest run), or for a
+    plain state dict (`arch` + `weights`, loaded with ``torch.load(weights_only=True)``; class names
+    are the indices, the contract is the default 224 px letterbox)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if arch is not None or weights is not None:
+        if arch is None or weights is None:
+            raise InputError(None, "--arch and --weights go together", "pass both, or --model for a checkpoint")
+        net, classes, channels = _from_state_dict(arch, weights)
+        contract = InputContract(channels=channels)
+        eps = 0.01
+    else:
+        from isnet_cli.checkpoint import load_checkpoint, resolve_model
+
+        path = resolve_model(model, runs_dir=runs_dir)
+        if Path(path).suffix.lower() == ".onnx":
+            raise InputError(path, "LRP needs the torch checkpoint, not an ONNX export", "pass the .safetensors file")
+        net, meta = load_checkpoint(path, device="cpu")
+        classes = list(meta["classes"])
+        contract = InputContract.from_dict(meta["contract"])
+        eps = float((meta.get("isnet") or {}).get("eps", 0.01))
+    return Explainer(net.to(dev), classes, contract, rule, eps, dev)
+
+
+def _from_state_dict(arch: str, weights: str) -> tuple[Any, list[str], int]:
+    import torch
+
+    from isnet_cli.backbones import build_model
+
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(path, "weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, f"cannot load a state dict ({type(exc).__name__})", "save model.state_dict()") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)] if isinstance(state, dict) else []
+    convs = [v for v in tensors if v.dim() == 4]
+    heads = [v for v in tensors if v.dim() == 2]
+    if not convs or not heads:
+        raise InputError(path, "not a classifier state dict (no conv or linear weights found)")
+    num_classes, channels = int(heads[-1].shape[0]), int(convs[0].shape[1])
+    net = build_model(arch, num_classes, in_channels=channels)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(path, f"weights do not match architecture '{arch}' ({first})") from exc
+    return net, [str(i) for i in range(num_classes)], channels
+
+
+def explain_file(
+    explainer: Explainer, image: str | Path, target: str | int, mask: str | Path | None = None
+) -> Explanation:
+    """Explain one file: preprocess with the model's contract, LRP, back to the original geometry."""
+    from isnet_cli.io.preprocess import preprocess_file, unletterbox
+
+    prepared = preprocess_file(image, explainer.contract, mask_path=mask, mask_required=mask is not None)
+    probs, relevance = explainer.explain_array(prepared.x, target)
+    index = int(probs.argmax()) if target == "predicted" else int(target)
+    grid = relevance.sum(axis=0)
+    original = unletterbox(grid, prepared.record).astype(np.float32)
+    shares: tuple[float | None, float | None] = (None, None)
+    mask_original = None
+    if prepared.mask is not None:
+        shares = mask_shares(grid, prepared.mask[0] > 0.5)
+        mask_original = unletterbox(prepared.mask[0], prepared.record) > 0.5
+    return Explanation(
+        file=str(image),
+        predicted=explainer.classes[int(probs.argmax())],
+        target=explainer.classes[index],
+        target_index=index,
+        probability=float(probs[index]),
+        probabilities={c: round(float(p), 6) for c, p in zip(explainer.classes, probs, strict=True)},
+        relevance=original,
+        image=prepared.image,
+        mask=mask_original,
+        relevance_sum=float(grid.sum()),
+        positive_share_in_mask=shares[0],
+        abs_share_in_mask=shares[1],
+        record=prepared.record,
+    )
+
+
+def title_of(exp: Explanation) -> str:
+    text = f"{Path(exp.file).name}: LRP for '{exp.target}' (p = {exp.probability:.3f})"
+    if exp.predicted != exp.target:
+        text += f", predicted '{exp.predicted}'"
+    if exp.abs_share_in_mask is not None:
+        text += f"; |R| in mask {exp.abs_share_in_mask:.0%}"
+    return text
+
+
+def unique_stems(files: list[str]) -> list[str]:
+    """Output names per input: the file stem, with a numeric suffix where two inputs share a stem."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = Path(f).name
+        for suffix in (".nii.gz", *[Path(f).suffix]):
+            if suffix and stem.lower().endswith(suffix.lower()):
+                stem = stem[: -len(suffix)]
+                break
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}-{count}")
+    return names
+
+
+def explain_many(
+    explainer: Explainer,
+    samples: list[Any],
+    target: str,
+    out_dir: Path | None,
+    raw_dir: Path | None,
+    single_out: Path | None = None,
+    single_raw: Path | None = None,
+    mask: str | None = None,
+    side_by_side: bool = False,
+    fail_fast: bool = False,
+    on_item: Any = None,
+) -> Iterator[Explanation | tuple[str, str]]:
+    """Explain `samples` in order, writing one PNG (and raw map) per input; yields Explanations or
+    (file, message) failures. One input: `single_out`/`single_raw` are the file paths."""
+    from isnet_cli.render import render_heatmap
+
+    resolved = explainer.resolve_target(target)
+    names = unique_stems([str(s.image) for s in samples])
+    for sample, name in zip(samples, names, strict=True):
+        try:
+            exp = explain_file(explainer, sample.image, resolved, mask=mask or getattr(sample, "mask", None))
+            png = single_out if single_out is not None else out_dir / f"{name}.png"
+            render_heatmap(exp.image, exp.relevance, png, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side)
+            exp.png = str(png)
+            raw = single_raw if single_raw is not None else (raw_dir / f"{name}.npy" if raw_dir else None)
+            if raw is not None:
+                exp.raw = str(write_raw(raw, exp.relevance))
+            yield exp
+        except ModelError:
+            raise
+        except RuntimeError as exc:  # torch failing inside the model: no other file will fare better
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"LRP failed on {sample.image}: {first}") from exc
+        except IsnetError as exc:
+            if fail_fast:
+                raise
+            yield (str(sample.image), str(exc))
+        except (OSError, ValueError) as exc:
+            if fail_fast:
+                raise InputError(sample.image, f"cannot explain ({type(exc).__name__}: {exc})") from exc
+            yield (str(sample.image), f"{sample.image}: cannot explain ({type(exc).__name__}: {exc})")
+        if on_item is not None:
+            on_item()
+
+
+def write_summary(path: Path, explanations: list[Explanation]) -> Path:
+    """summary.csv: one row per explained input (`SUMMARY_COLUMNS`), written atomically."""
+    from isnet_cli.checkpoint import atomic_write_bytes
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(SUMMARY_COLUMNS)
+    for exp in explanations:
+        writer.writerow(exp.summary_row())
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return path

@@ -1,0 +1,423 @@
+"""The relevance engine: run the captured graph forward, then propagate relevance node by node.
+
+The forward is the model's own computation (in train mode it *is* the training forward: batch norm
+uses and updates batch statistics), run over the fx graph with every activation kept. The reverse
+pass applies one explicit rule per node (see `rules`), so the returned heatmap is differentiable in
+the weights and activations with an ordinary backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from isnet_cli.errors import ModelError
+from isnet_cli.lrp import graph as G
+from isnet_cli.lrp import rules
+from isnet_cli.lrp.targets import initial_message
+
+RULES = ("epsilon", "zplus", "alphabeta")
+FIRST_RULES = ("zb", "epsilon")
+_RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+
+Message = list  # [relevance or None, gradient message or None], both (K, *activation shape)
+
+
+def _hp(t: Any) -> Any:
+    """Half-precision activations (autocast) are upcast: relevance is always fp32 (fp64 kept)."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
+class LRP:
+    """Layer-wise relevance propagation for a torch.fx-traceable classifier.
+
+    ``lrp = LRP(model, epsilon=0.01, first_rule="zb", low=0.0, high=1.0)``;
+    ``R = lrp(x, target)`` with target an int, a LongTensor (B,), ``"predicted"``, ``"all"``,
+    ``"selective"`` or ``"stochastic"``; R has shape (B, C, H, W), or (B, K, C, H, W) for ``"all"``.
+    ``lrp.logits`` holds the forward output of the last call (with its autograd graph).
+
+    Rules: LRP-ε (z + ε·sign(z), sign(0) = +1) for conv, linear and average pools, batch norm fused
+    into its producer (detached batch statistics in train mode), LRP-zB with bounds [low, high] at
+    the first layer, winner-take-all max pooling, proportional split for sums, channel split for
+    concatenations, pass-through for element-wise activations, gates of multiplicative gating held
+    constant. ``rule="zplus"`` / ``"alphabeta"`` (α = 2, β = 1) replace ε at conv/linear layers, for
+    explanations only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 0.01,
+        first_rule: str = "zb",
+        low: float = 0.0,
+        high: float = 1.0,
+        rule: str = "epsilon",
+        alpha: float = 2.0,
+        beta: float = 1.0,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if first_rule not in FIRST_RULES:
+            raise ValueError(f"first_rule must be one of {', '.join(FIRST_RULES)}, got {first_rule!r}")
+        if rule == "alphabeta" and abs(alpha - beta - 1.0) > 1e-6:
+            raise ValueError(f"alpha-beta needs alpha - beta = 1, got alpha={alpha}, beta={beta}")
+        # DistributedDataParallel: trace the wrapped module, but let DDP see every forward (its
+        # reducer must be prepared for the backward that follows)
+        self.ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self.model = model.module if self.ddp is not None else model
+        self.epsilon = float(epsilon)
+        self.first_rule = first_rule
+        self.low = float(low)
+        self.high = float(high)
+        self.rule = rule
+        self.alpha, self.beta = (1.0, 0.0) if rule == "zplus" else (float(alpha), float(beta))
+        self.logits: torch.Tensor | None = None
+        self._plans = G.PlanCache(self.model)
+        self._plan = self._plans.get()[1]  # trace now: an untraceable or unsupported model fails here
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, gm: fx.GraphModule, plan: G.Plan, x: torch.Tensor):
+        env: dict[fx.Node, Any] = {}
+        indices: dict[fx.Node, torch.Tensor] = {}
+        for step in plan.steps:
+            node = step.node
+            if step.kind == G.INPUT:
+                env[node] = x
+            elif step.kind == G.OUTPUT:
+                continue
+            elif node.op == "get_attr":
+                env[node] = functools.reduce(getattr, str(node.target).split("."), gm)
+            else:
+                args = fx.node.map_arg(node.args, env.__getitem__)
+                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                out = step.fn(*args, **kwargs)
+                if step.returns_indices:
+                    out, indices[node] = out
+                env[node] = out
+        return env, indices
+
+    # ---------------------------------------------------------------- public call
+    def __call__(self, x: torch.Tensor, target: int | str | torch.Tensor = "predicted") -> torch.Tensor:
+        if self.rule != "epsilon" and self.model.training:
+            raise ModelError(
+                f"the {self.rule} rule is for explanations only; put the model in eval mode, "
+                "or use rule='epsilon' for training"
+            )
+        gm, plan = self._plans.get()
+        self._plan = plan
+        if self.ddp is not None:
+            (x,), _ = self.ddp._pre_forward(x)
+        env, indices = self._forward(gm, plan, x)
+        logits = env[plan.output_node]
+        if self.ddp is not None:
+            logits = self.ddp._post_forward(logits)
+            env[plan.output_node] = logits
+        if not isinstance(logits, torch.Tensor):
+            raise ModelError("LRP needs a model that returns one logits tensor (not a tuple or dict)")
+        self.logits = logits
+        kind, start = initial_message(logits, target)
+        device_type = x.device.type if x.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            relevance = self._reverse(plan, env, indices, kind, start)
+        if relevance is None:
+            relevance = torch.zeros((start.shape[0], *x.shape), dtype=start.dtype, device=x.device)
+        return relevance.transpose(0, 1) if isinstance(target, str) and target == "all" else relevance[0]
+
+    # ---------------------------------------------------------------- reverse
+    def _reverse(self, plan, env, indices, kind, start) -> torch.Tensor | None:
+        k = start.shape[0]
+        msgs: dict[fx.Node, Message] = {}
+
+        def send(node: fx.Node, r: torch.Tensor | None = None, g: torch.Tensor | None = None) -> None:
+            box = msgs.setdefault(node, [None, None])
+            if r is not None:
+                box[0] = r if box[0] is None else box[0] + r
+            if g is not None:
+                box[1] = g if box[1] is None else box[1] + g
+
+        send(plan.output_node, *((start, None) if kind == "R" else (None, start)))
+        differentiating = torch.is_grad_enabled()
+        for step in reversed(plan.steps):
+            box = msgs.pop(step.node, None)
+            if box is None:
+                continue
+            r, g = box
+            if step.kind == G.INPUT:
+                return self._total(r, g, _hp(env[step.node]))
+            handler = getattr(self, f"_rule_{step.kind}", None)
+            if handler is None:
+                raise ModelError(f"no LRP rule for {step.name}")
+            handler(step, r, g, env, indices, send, k, differentiating)
+        return None
+
+    @staticmethod
+    def _total(r: torch.Tensor | None, g: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """Relevance at an activation y from a relevance R and a gradient message G: R + y ⊙ G."""
+        if g is None:
+            return r
+        return y * g if r is None else r + y * g
+
+    # Each rule: (step, R, G, env, indices, send, K, differentiating) -> messages to the inputs.
+    def _rule_noop(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        return None
+
+    def _rule_act(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Element-wise activation: R_in = R_out (the ε-rule of the next linear layer already
+        restricts relevance to active units); a gradient message becomes relevance first."""
+        r = self._total(r, g, _hp(env[step.node]))
+        src = step.tensor_inputs[0]
+        send(src, r=r.reshape(k, *env[src].shape))
+
+    def _rule_pass(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Shape-only ops move relevance (and gradient messages) back to the input's shape."""
+        src = step.tensor_inputs[0]
+        reshape_only = isinstance(step.module, _RESHAPE_MODULES) or (
+            step.module is None and (step.node.op == "call_method" or step.node.target in _RESHAPE_FUNCS)
+        )
+        if g is not None and not reshape_only:
+            r, g = self._total(r, g, _hp(env[step.node])), None
+        shape = (k, *env[src].shape)
+        send(
+            src,
+            r=None if r is None else r.reshape(shape),
+            g=None if g is None else g.reshape(shape),
+        )
+
+    def _rule_cat(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Concatenation: relevance (and gradient messages) split by channel back to each input."""
+        node = step.node
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = list(node.args[0])
+        ndim = env[node].dim()
+        dim = dim % ndim + 1  # + 1 for the map dimension
+        sizes = [env[p].shape[dim - 1] if isinstance(p, fx.Node) else p.shape[dim - 1] for p in parts]
+        r_parts = r.split(sizes, dim=dim) if r is not None else [None] * len(parts)
+        g_parts = g.split(sizes, dim=dim) if g is not None else [None] * len(parts)
+        for part, rp, gp in zip(parts, r_parts, g_parts, strict=True):
+            if isinstance(part, fx.Node):
+                send(part, r=rp, g=gp)
+
+    def _rule_getitem(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Indexing: relevance scattered back into zeros at the indexed positions."""
+        src = step.tensor_inputs[0]
+        a = env[src]
+        if not isinstance(a, torch.Tensor):
+            raise ModelError(f"unsupported indexing of a non-tensor on the relevance path at {step.name}")
+        index = fx.node.map_arg(step.node.args[1], env.__getitem__)  # indices may be computed tensors
+        index = index if isinstance(index, tuple) else (index,)
+        r = self._total(r, g, _hp(env[step.node]))
+        out = r.new_zeros((k, *a.shape))
+        out[(slice(None), *index)] = r
+        send(src, r=out)
+
+    def _rule_add(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Sum y = Σ x_i: R_i = x_i ⊙ R / (y + ε·sign(y)); constant summands absorb their share."""
+        self._split_sum(step, r, g, env, send, k, signs=[1.0] * len(step.node.args), differentiating=differentiating)
+
+    def _rule_sub(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Difference y = x_1 − x_2: R_1 = x_1 ⊙ R/stab(y), R_2 = −x_2 ⊙ R/stab(y)."""
+        self._split_sum(step, r, g, env, send, k, signs=[1.0, -1.0], differentiating=differentiating)
+
+    def _split_sum(self, step, r, g, env, send, k, signs, differentiating) -> None:
+        y = _hp(env[step.node])
+        r = self._total(r, g, y)
+        s = r / self._denominator(step, y, env, differentiating)
+        for arg, sign in zip(step.node.args, signs, strict=False):
+            if isinstance(arg, fx.Node) and isinstance(env[arg], torch.Tensor):
+                xi = _hp(env[arg])
+                share = xi * s if sign > 0 else -xi * s
+                send(arg, r=share.sum_to_size((k, *xi.shape)))
+
+    def _rule_mul(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Multiplicative gating x ⊙ gate: all relevance goes to x, the gate is held constant.
+
+        The gate is the operand computed by a sigmoid-like op (squeeze-excitation); otherwise the
+        broadcast (smaller) operand. Products of two same-sized feature maps are refused.
+        """
+        r = self._total(r, g, _hp(env[step.node]))
+        operands = [a for a in step.node.args if isinstance(a, fx.Node) and isinstance(env[a], torch.Tensor)]
+        if len(operands) == 1:
+            target = operands[0]
+        else:
+            gates = [a for a in operands if self._plans_step(a).gate_like]
+            if len(gates) == 1:
+                target = next(a for a in operands if a is not gates[0])
+            else:
+                sizes = [env[a].numel() for a in operands]
+                if sizes[0] == sizes[1]:
+                    raise ModelError(
+                        f"cannot tell the gate from the signal in the product at {step.name}; "
+                        "LRP supports multiplicative gating by a sigmoid-like or broadcast factor"
+                    )
+                target = operands[0] if sizes[0] > sizes[1] else operands[1]
+        send(target, r=r.sum_to_size((k, *env[target].shape)))
+
+    def _rule_div(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Division by a constant or a gate: relevance passes to the numerator."""
+        num = step.node.args[0]
+        if isinstance(num, fx.Node):
+            r = self._total(r, g, _hp(env[step.node]))
+            send(num, r=r.sum_to_size((k, *env[num].shape)))
+
+    def _plans_step(self, node: fx.Node) -> G.Step:
+        return self._plan.by_node[node]
+
+    def _denominator(self, step, z, env, differentiating) -> torch.Tensor:
+        """z + ε·sign(z), computed cheaply where the structure allows (same values where R ≠ 0):
+
+        - the output feeds a single plain ReLU: relevance is zero wherever the ReLU output a is
+          zero, and a = z elsewhere, so a + ε serves (explanations only: when differentiating, the
+          bias-detached z is kept so no gradient reaches the biases);
+        - a pool of ReLU outputs: z ≥ 0, so z + ε.
+        """
+        relu = step.relu_user
+        if step.fused_bn is not None:
+            relu = step.fused_bn.relu_user
+        if relu is not None and not differentiating:
+            return _hp(env[relu]) + self.epsilon
+        if step.nonneg_input:
+            return z + self.epsilon
+        return rules.stabilise(z, self.epsilon)
+
+    # -- linear maps -------------------------------------------------------
+    def _fused_z(self, step, env, differentiating):
+        """(z, scale, shift) at the output of a conv/linear step and its fused BN (if any).
+
+        z is the stored output (BN output when fused); when differentiating it is recomputed with
+        the biases detached, as the reference (the heatmap loss sends no gradient through biases in
+        the LRP pass). scale/shift: the fused BN's per-channel affine map, or None.
+        """
+        y = _hp(env[step.node])
+        bias = getattr(step.module, "bias", None) if step.module is not None else None
+        if step.fused_bn is None:
+            if differentiating and bias is not None:
+                y = y - rules.channel_view(bias - bias.detach(), y.dim())
+            return y, None, None
+        bn = step.fused_bn.module
+        scale, shift = rules.bn_affine(bn, y)
+        if not differentiating:
+            return _hp(env[step.fused_bn.node]), scale, shift
+        u = y if bias is None else y - rules.channel_view(bias, y.dim())
+        full_bias = shift if bias is None else scale * bias + shift
+        z = rules.channel_view(scale, y.dim()) * u + rules.channel_view(full_bias.detach(), y.dim())
+        return z, scale, shift
+
+    def _linear_parts(self, step, env):
+        """(weight, bias, apply, transpose) of a conv/linear step; `transpose` folds K into the batch."""
+        module = step.module
+        a = env[step.tensor_inputs[0]]
+        if step.kind == G.CONV:
+            apply = rules.conv_apply(module)
+
+            def transpose(s, w):
+                shape = (a.shape[0], w.shape[1] * module.groups, *a.shape[2:])
+                return rules.conv_transpose(s, module, w, torch.Size(shape))
+
+            return module.weight, module.bias, apply, transpose
+        if module is None:  # F.linear(x, weight, bias)
+            args = step.node.args
+            weight = env[args[1]] if isinstance(args[1], fx.Node) else args[1]
+            bias = step.node.kwargs.get("bias", args[2] if len(args) > 2 else None)
+            bias = env[bias] if isinstance(bias, fx.Node) else bias
+        else:
+            weight, bias = module.weight, module.bias
+
+        def apply_lin(x, w):
+            return x @ w.t()
+
+        return weight, bias, apply_lin, rules.linear_transpose
+
+    def _rule_conv(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Conv/linear (+ fused BN): LRP-ε, LRP-zB at the first layer, or z+/αβ for explanations.
+
+        ε: R_a = a ⊙ Wᵀ(G + R / stab(z)) where a gradient message G from downstream BN slices has
+        already been divided by their own outputs (per-consumer fusion); with a fused BN,
+        R_a = a ⊙ Wᵀ(scale ⊙ R / stab(z_BN)), i.e. the ε-rule of the fused layer W' = scale·W.
+        """
+        src = step.tensor_inputs[0]
+        a = _hp(env[src])
+        weight, bias, apply, transpose = self._linear_parts(step, env)
+        z, scale, shift = self._fused_z(step, env, differentiating)
+        r_tot = self._total(r, g, z) if scale is not None else r
+        use_zb = step.first and self.first_rule == "zb"
+        if use_zb or self.rule != "epsilon":
+            if scale is None:
+                r_tot = self._total(r, g, z)
+                w_f, b_f = weight, bias
+            else:
+                view = scale.view(-1, *([1] * (weight.dim() - 1)))
+                w_f = weight * view
+                b_f = shift if bias is None else scale * bias + shift
+            if use_zb:
+                out = rules.zb_input(r_tot, a, z, w_f, b_f, apply, transpose, self.low, self.high, self.epsilon)
+            else:
+                out = rules.alpha_beta(r_tot, a, w_f, b_f, apply, transpose, self.alpha, self.beta)
+            send(src, r=out)
+            return
+        if scale is not None:
+            msg = r_tot / self._denominator(step, z, env, differentiating)
+            if weight.numel() < msg.numel():  # fold the BN scale into whichever is smaller
+                view = scale.view(-1, *([1] * (weight.dim() - 1)))
+                send(src, r=a * transpose(msg, weight * view))
+                return
+            msg = rules.channel_view(scale, z.dim()) * msg
+        else:
+            msg = None if r is None else r / self._denominator(step, z, env, differentiating)
+            if g is not None:
+                msg = g if msg is None else msg + g
+        send(src, r=a * transpose(msg, weight))
+
+    _rule_linear = _rule_conv
+
+    def _rule_bn(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Batch norm. Fused into its producer: the message moves on untouched (the producer's rule
+        uses the fused weights). Otherwise (after a concatenation or a pool, or alone): a gradient
+        message G = scale ⊙ R / stab(z_BN) to the input, so each producer slice gets the ε-rule of
+        producer∘BN with this BN's output as denominator; for a non-linear producer this is the
+        per-channel linear map R_in = x ⊙ scale ⊙ R / stab(z_BN)."""
+        src = step.tensor_inputs[0]
+        if step.absorbed:
+            send(src, r=r, g=g)
+            return
+        x = _hp(env[src])
+        scale, shift = rules.bn_affine(step.module, x)
+        sv = rules.channel_view(scale, x.dim())
+        # the stored output, or (when differentiating) the same value with the BN shift detached
+        z = sv * x + rules.channel_view(shift.detach(), x.dim()) if differentiating else _hp(env[step.node])
+        r = self._total(r, g, z)
+        send(src, g=sv * (r / self._denominator(step, z, env, differentiating)))
+
+    def _rule_maxpool(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Max pooling, winner-take-all: R_a = a ⊙ scatter_add(G + R / stab(y)) at the argmax."""
+        src = step.tensor_inputs[0]
+        a = _hp(env[src])
+        y = _hp(env[step.node])
+        msg = None if r is None else r / self._denominator(step, y, env, differentiating)
+        if g is not None:
+            msg = g if msg is None else msg + g
+        send(src, r=a * rules.maxpool_transpose(msg, indices[step.node], a.shape))
+
+    def _rule_avgpool(self, step, r, g, env, indices, send, k, differentiating) -> None:
+        """Average / adaptive-average pooling and means as uniform linear maps, LRP-ε:
+        R_a = a ⊙ Pᵀ(G + R / stab(y))."""
+        src = step.tensor_inputs[0]
+        a = _hp(env[src])
+        y = _hp(env[step.node])
+        msg = None if r is None else r / self._denominator(step, y, env, differentiating)
+        if g is not None:
+            msg = g if msg is None else msg + g
+        node = step.node
+        if step.module is not None:
+            fn, args, kwargs = step.module, (), {}
+        else:
+            fn = step.fn
+            args = fx.node.map_arg(node.args[1:], env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        send(src, r=a * rules.pool_transpose(msg, step.module, fn, args, kwargs, a.shape))

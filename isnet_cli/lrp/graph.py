@@ -1,0 +1,456 @@
+"""Capture a classifier with torch.fx and turn its graph into a plan of LRP steps.
+
+Each fx node becomes a `Step` with a *kind* that names the relevance rule applied to it in the
+reverse pass, and a forward callable that never writes in place (``ReLU(inplace=True)``, ``F.relu(x,
+inplace=True)``, ``x.relu_()`` and ``out += identity`` all run as their out-of-place versions), so the
+activations stored for the reverse pass are the ones the forward computed. Re-used modules (one
+``nn.ReLU`` called several times, as in torchvision's ResNet) are harmless: every *call* is its own
+node with its own stored output.
+
+Tracing bakes Python branches on ``self.training`` into the graph, so plans are cached per pattern
+of module training flags (see `PlanCache`).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from isnet_cli.errors import ModelError
+
+# Kinds of step, i.e. which rule the reverse pass applies.
+INPUT = "input"  # the image placeholder
+CONV = "conv"  # Conv1d/2d/3d module
+LINEAR = "linear"  # nn.Linear / F.linear
+BN = "bn"  # batch norm module: fused into its producer, or a per-channel linear map
+MAXPOOL = "maxpool"  # winner-take-all with stored indices
+AVGPOOL = "avgpool"  # average pools, adaptive pools and means: uniform linear maps
+ACT = "act"  # element-wise activation: relevance passes
+PASS = "pass"  # shape-only ops (flatten, view, dropout, identity): relevance (and gradient messages) reshape
+ADD = "add"  # sum of tensors: proportional split
+SUB = "sub"  # difference of tensors: signed proportional split
+MUL = "mul"  # product: multiplicative gating, all relevance to the non-gate operand
+DIV = "div"  # division by a constant or a gate: relevance passes to the numerator
+CAT = "cat"  # concatenation: channel split
+GETITEM = "getitem"  # indexing: relevance scattered back to the indexed positions
+NOOP = "noop"  # no tensor flows through (size, getattr, constants)
+OUTPUT = "output"
+
+_ACT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Softsign,
+)
+_GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax)
+_PASS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+)
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVGPOOL_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+
+_ACT_FUNCS: set[Any] = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+}
+_GATE_FUNCS: set[Any] = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax}
+_PASS_FUNCS: set[Any] = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+}
+_ADD_FUNCS: set[Any] = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCS: set[Any] = {operator.sub, operator.isub, torch.sub}
+_MUL_FUNCS: set[Any] = {operator.mul, operator.imul, torch.mul}
+_DIV_FUNCS: set[Any] = {operator.truediv, operator.itruediv, torch.div}
+_CAT_FUNCS: set[Any] = {torch.cat, torch.concat}
+_AVGPOOL_FUNCS: set[Any] = {
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    torch.mean,
+}
+_MAXPOOL_FUNCS: set[Any] = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+_NOOP_FUNCS: set[Any] = {getattr, len}
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+_ACT_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip"}
+_GATE_METHODS = {"sigmoid", "tanh", "softmax"}
+_PASS_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "clone",
+    "view_as",
+    "reshape_as",
+    "float",
+    "to",
+    "type_as",
+    "detach",
+}
+_NOOP_METHODS = {"size", "dim", "numel", "type", "__len__"}
+_ADD_METHODS = {"add"}
+_SUB_METHODS = {"sub"}
+_MUL_METHODS = {"mul"}
+_DIV_METHODS = {"div"}
+_AVGPOOL_METHODS = {"mean"}
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision's `stochastic_depth` is an fx-wrapped function: match it by name, not import."""
+    return getattr(target, "__name__", "") == "stochastic_depth"
+
+
+@dataclass
+class Step:
+    """One node of the captured graph: its rule (`kind`), its forward callable and its inputs."""
+
+    node: fx.Node
+    kind: str
+    name: str  # node name and, for modules, the module path (for error messages)
+    fn: Callable[..., Any] | None = None
+    module: nn.Module | None = None
+    tensor_inputs: list[fx.Node] = field(default_factory=list)
+    returns_indices: bool = False  # max pools: the forward returns (values, indices)
+    fused_bn: Step | None = None  # conv/linear whose only consumer is this batch norm (fused)
+    absorbed: bool = False  # batch norm fused into its producing conv/linear
+    gate_like: bool = False  # output of a sigmoid-like op (squeeze-excitation gate)
+    first: bool = False  # a linear op reading the input image (LRP-zB)
+    is_relu: bool = False  # a plain ReLU (relevance is zero wherever its output is zero)
+    relu_user: fx.Node | None = None  # the single consumer, when it is a plain ReLU
+    nonneg_input: bool = False  # a pool whose input is a ReLU output (so its output is >= 0)
+
+
+@dataclass
+class Plan:
+    """The steps of a traced model in topological order."""
+
+    steps: list[Step]
+    by_node: dict[fx.Node, Step]
+    input_node: fx.Node
+    output_node: fx.Node  # the node whose value is the model output (the logits)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps stochastic-depth and dropout modules as leaves (they pass relevance)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m).__name__ == "StochasticDepth":
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace `model`; raise `ModelError` when torch.fx cannot capture it."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}); "
+            "LRP needs a model without data-dependent Python control flow"
+        ) from exc
+    return fx.GraphModule(model, graph)
+
+
+def _out_of_place_module(module: nn.Module) -> nn.Module:
+    """A shallow copy with ``inplace=False`` (parameters stay shared) for modules that write in place."""
+    if getattr(module, "inplace", False):
+        module = copy.copy(module)
+        module.inplace = False
+    return module
+
+
+def _strip_inplace(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k != "inplace"} if "inplace" in kwargs else kwargs
+
+
+def _method_caller(name: str) -> Callable[..., Any]:
+    # x.relu_() -> x.relu(); x.add_(y) -> x.add(y): the stored activation must not be overwritten
+    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        name = name[:-1]
+
+    def call(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(obj, name)(*args, **kwargs)
+
+    return call
+
+
+def _function_caller(target: Any) -> Callable[..., Any]:
+    target = _OUT_OF_PLACE.get(target, target)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target(*args, **_strip_inplace(kwargs))
+
+    return call
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def _module_path(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.name} (module {node.target}: {type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "call_function":
+        return f"{node.name} (function {getattr(node.target, '__name__', node.target)})"
+    return f"{node.name} ({node.op} {node.target})"
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> Step:
+    name = _module_path(gm, node)
+    if node.op == "placeholder":
+        return Step(node, INPUT, name)
+    if node.op == "output":
+        return Step(node, OUTPUT, name)
+    if node.op == "get_attr":
+        return Step(node, NOOP, name, fn=None)
+    inputs = _tensor_inputs(node)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        kind = None
+        if isinstance(module, _CONV_MODULES):
+            if module.padding_mode != "zeros" or (isinstance(module.padding, str) and module.padding != "valid"):
+                raise ModelError(
+                    f"unsupported convolution at {name}: padding {module.padding!r}, mode "
+                    f"{module.padding_mode!r}; LRP supports numeric zero padding"
+                )
+            kind = CONV
+        elif isinstance(module, nn.Linear):
+            kind = LINEAR
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            kind = BN
+        elif isinstance(module, _MAXPOOL_MODULES):
+            step = Step(node, MAXPOOL, name, module=module, tensor_inputs=inputs[:1])
+            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
+            step.fn = _maxpool_with_indices(pool, module)
+            step.returns_indices = True
+            return step
+        elif isinstance(module, _AVGPOOL_MODULES):
+            kind = AVGPOOL
+        elif isinstance(module, _ACT_MODULES):
+            kind = ACT
+        elif isinstance(module, _PASS_MODULES) or type(module).__name__ == "StochasticDepth":
+            kind = PASS
+        if kind is None:
+            raise ModelError(
+                f"unsupported layer for LRP at {name}; supported: conv, linear, batch norm, pooling, "
+                "add, concatenation, flatten, dropout and element-wise activations"
+            )
+        runner = _out_of_place_module(module)
+        step = Step(node, kind, name, fn=runner, module=module, tensor_inputs=inputs[:1])
+        step.gate_like = isinstance(module, _GATE_MODULES)
+        return step
+    if node.op == "call_function":
+        target = node.target
+        fn = _function_caller(target)
+        if target in _MAXPOOL_FUNCS:
+            step = Step(node, MAXPOOL, name, fn=_maxpool_fn_with_indices(target), tensor_inputs=inputs[:1])
+            step.returns_indices = True
+            return step
+        if target in _CAT_FUNCS:
+            return Step(node, CAT, name, fn=fn, tensor_inputs=inputs)
+        if target is F.linear:
+            return Step(node, LINEAR, name, fn=fn, tensor_inputs=inputs[:1])
+        table = [
+            (_ACT_FUNCS, ACT),
+            (_PASS_FUNCS, PASS),
+            (_ADD_FUNCS, ADD),
+            (_SUB_FUNCS, SUB),
+            (_MUL_FUNCS, MUL),
+            (_DIV_FUNCS, DIV),
+            (_AVGPOOL_FUNCS, AVGPOOL),
+            (_NOOP_FUNCS, NOOP),
+        ]
+        for funcs, kind in table:
+            if target in funcs:
+                keep = inputs if kind in (ADD, SUB, MUL, DIV) else inputs[:1]
+                step = Step(node, kind, name, fn=fn, tensor_inputs=keep)
+                step.gate_like = target in _GATE_FUNCS
+                return step
+        if _is_stochastic_depth(target):
+            return Step(node, PASS, name, fn=fn, tensor_inputs=inputs[:1])
+        if target is operator.getitem:
+            return Step(node, GETITEM, name, fn=fn, tensor_inputs=inputs[:1])
+    if node.op == "call_method":
+        method = str(node.target)
+        base = method[:-1] if method.endswith("_") and not method.startswith("_") else method
+        fn = _method_caller(method)
+        table = [
+            (_ACT_METHODS, ACT),
+            (_PASS_METHODS, PASS),
+            (_ADD_METHODS, ADD),
+            (_SUB_METHODS, SUB),
+            (_MUL_METHODS, MUL),
+            (_DIV_METHODS, DIV),
+            (_AVGPOOL_METHODS, AVGPOOL),
+            (_NOOP_METHODS, NOOP),
+        ]
+        for names, kind in table:
+            if base in names:
+                keep = inputs if kind in (ADD, SUB, MUL, DIV) else inputs[:1]
+                step = Step(node, kind, name, fn=fn, tensor_inputs=keep)
+                step.gate_like = base in _GATE_METHODS
+                return step
+    raise ModelError(
+        f"unsupported operation for LRP at {name}; supported: conv, linear, batch norm, pooling, add, "
+        "concatenation, flatten, dropout and element-wise activations"
+    )
+
+
+def _maxpool_with_indices(pool: Callable[..., Any], m: nn.Module) -> Callable[..., Any]:
+    def call(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+
+    return call
+
+
+def _maxpool_fn_with_indices(target: Any) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {**kwargs, "return_indices": True}
+        return target(*args, **kwargs)
+
+    return call
+
+
+def _is_plain_relu(step: Step) -> bool:
+    node = step.node
+    if node.op == "call_module":
+        return type(step.module) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _through_pass(step: Step, by_node: dict[fx.Node, Step]) -> Step:
+    """The producer of a step's input, looking through shape-only steps (flatten, view, dropout)."""
+    while step.kind == PASS and step.tensor_inputs:
+        step = by_node[step.tensor_inputs[0]]
+    return step
+
+
+def build_plan(gm: fx.GraphModule) -> Plan:
+    """Classify every node and mark BN fusion, gates and the first (LRP-zB) layer."""
+    steps = [_classify(gm, node) for node in gm.graph.nodes]
+    by_node = {s.node: s for s in steps}
+    inputs = [s for s in steps if s.kind == INPUT]
+    if len(inputs) != 1:
+        raise ModelError(f"LRP needs a model with exactly one input; this one takes {len(inputs)}")
+    out = next(s for s in steps if s.kind == OUTPUT)
+    result = out.node.args[0]
+    if not isinstance(result, fx.Node):
+        raise ModelError("LRP needs a model that returns one logits tensor (not a tuple or dict)")
+    for step in steps:
+        step.is_relu = step.kind == ACT and _is_plain_relu(step)
+    for step in steps:
+        users = list(step.node.users)
+        if len(users) == 1 and by_node[users[0]].is_relu:
+            step.relu_user = users[0]
+        if step.kind in (MAXPOOL, AVGPOOL) and step.tensor_inputs:
+            step.nonneg_input = by_node[step.tensor_inputs[0]].is_relu
+        # gate detection: a gate is a sigmoid-like output, possibly reshaped
+        if step.kind == PASS and step.tensor_inputs and by_node[step.tensor_inputs[0]].gate_like:
+            step.gate_like = True
+        if step.kind == BN and step.tensor_inputs:
+            producer = by_node[step.tensor_inputs[0]]
+            # a BN that is the only consumer of a conv/linear output is fused into it
+            if producer.kind in (CONV, LINEAR) and len(producer.node.users) == 1:
+                producer.fused_bn = step
+                step.absorbed = True
+        if (
+            step.kind in (CONV, LINEAR)
+            and step.tensor_inputs
+            and _through_pass(by_node[step.tensor_inputs[0]], by_node).kind == INPUT
+        ):
+            step.first = True
+    return Plan(steps, by_node, inputs[0].node, result)
+
+
+class PlanCache:
+    """Traced plans of one model, keyed by the training flags of its modules.
+
+    fx bakes ``self.training`` branches (e.g. DenseNet's functional dropout) into the graph, so a
+    model is traced once per train/eval pattern and the plan is reused for every later call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._plans: dict[tuple[bool, ...], tuple[fx.GraphModule, Plan]] = {}
+
+    def get(self) -> tuple[fx.GraphModule, Plan]:
+        key = tuple(m.training for m in self.model.modules())
+        if key not in self._plans:
+            gm = trace(self.model)
+            self._plans[key] = (gm, build_plan(gm))
+        return self._plans[key]
