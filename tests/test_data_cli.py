@@ -131,7 +131,7 @@ def test_usage_errors_exit_2(tmp_path):
 )
 def test_check_real_data(shared_data, folder, counts, coverage):
     """Every real X-ray and mask reads, aligns and is non-empty; lungs cover the documented share."""
-    from isnet_cli.commands.data import check_dataset
+    from isnet_cli.io.check import check_dataset
 
     report = check_dataset(shared_data / folder, size=64)
     assert report["ok"], report["bad"]
@@ -142,7 +142,7 @@ def test_check_real_data(shared_data, folder, counts, coverage):
 
 
 def test_check_plain_dicom_folder(shared_data):
-    from isnet_cli.commands.data import check_dataset
+    from isnet_cli.io.check import check_dataset
 
     report = check_dataset(shared_data / "dicom")
     assert report["ok"] and report["readable_images"] == 5 and report["classes"] == []
