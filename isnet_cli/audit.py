@@ -1,0 +1,343 @@
+"""`isnet audit`: does this model look at the lungs? Relevance and counterfactual tests on masked images.
+
+For every image with a lung mask M (model input x, values per the model's input contract):
+- inside share = sum(|R| M) / sum(|R|), R the LRP relevance of the predicted class summed over channels
+  (needs a checkpoint or an export made with --with-heatmap; otherwise left out);
+- background replaced, lungs kept (x' = x M + b (1 - M)) with b =
+  `background_mean`: the mean background intensity of the audited set (one constant for all images),
+  `background_blur`: the image blurred with a Gaussian of sigma = size / 16,
+  `background_swap`: the background of an image of another class (true label, else predicted class;
+  partner drawn with seed 0); where the partner's own lungs fall in our background, the mean is used;
+- lungs hidden, background kept (`lungs_hidden`: x' = x (1 - M) + mean lung intensity of the set M).
+A flip is a change of the predicted class. The verdict uses the constants below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isnet_cli.errors import InputError
+from isnet_cli.onnx_runtime import softmax
+
+# Verdict thresholds (documented in the report and the README).
+LUNGS_MIN_SHARE = 0.7  # "looks at the lungs": mean |R| share inside the lungs at least this ...
+LUNGS_MAX_SWAP_FLIP = 0.1  # ... and at most this fraction of predictions flip when the background is swapped
+SHORTCUT_MAX_SHARE = 0.5  # "uses the background": mean share below this ...
+SHORTCUT_MIN_SWAP_FLIP = 0.25  # ... or more than this fraction flips on a background swap
+BLUR_SIGMA_FRACTION = 1 / 16
+PERTURBATIONS = ("background_mean", "background_blur", "background_swap", "lungs_hidden")
+SEED = 0
+
+
+@dataclass
+class AuditSet:
+    """Preprocessed masked images of the audited set, in dataset order."""
+
+    files: list[str]
+    x: np.ndarray  # (N, C, S, S)
+    masks: np.ndarray  # (N, 1, S, S) in {0, 1}
+    labels: np.ndarray  # (N,) class index, -1 when unknown
+
+
+def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+    """G (S, S) with rows summing to 1: blur(img) = G img G^T (renormalised at the borders)."""
+    i = np.arange(size, dtype=np.float64)
+    g = np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2))
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (B, C, S, S) images."""
+    g = gaussian_matrix(x.shape[-1], sigma)
+    return np.einsum("ij,bcjk,lk->bcil", g, x, g, optimize=True).astype(np.float32)
+
+
+def swap_partners(groups: np.ndarray, seed: int = SEED) -> np.ndarray:
+    """For every image, a random image of another group (-1 where no other group exists)."""
+    rng = np.random.default_rng(seed)
+    partners = np.full(len(groups), -1, dtype=np.int64)
+    for i, g in enumerate(groups):
+        others = np.flatnonzero(groups != g)
+        if len(others):
+            partners[i] = rng.choice(others)
+    return partners
+
+
+def perturb(
+    kind: str,
+    x: np.ndarray,
+    m: np.ndarray,
+    fills: dict[str, float],
+    sigma: float,
+    other: np.ndarray | None = None,
+    other_m: np.ndarray | None = None,
+) -> np.ndarray:
+    """One counterfactual batch (see the module docstring for the formulas)."""
+    bg = 1.0 - m
+    if kind == "background_mean":
+        return x * m + fills["background"] * bg
+    if kind == "background_blur":
+        return x * m + blur(x, sigma) * bg
+    if kind == "background_swap":
+        assert other is not None and other_m is not None
+        return x * m + bg * (other * (1.0 - other_m) + fills["background"] * other_m)
+    if kind == "lungs_hidden":
+        return x * bg + fills["lungs"] * m
+    raise ValueError(kind)
+
+
+def _batched_probs(backend: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [softmax(np.asarray(backend.logits(x[i : i + batch_size]), np.float64)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(backend.classes)))
+
+
+def verdict(share: float | None, swap_flip: float | None) -> str:
+    """One line: what the numbers say, with the thresholds used."""
+    rule = (
+        f"looks at the lungs if inside share >= {LUNGS_MIN_SHARE} and swap flip rate <= {LUNGS_MAX_SWAP_FLIP}; "
+        f"uses the background if share < {SHORTCUT_MAX_SHARE} or swap flip rate > {SHORTCUT_MIN_SWAP_FLIP}"
+    )
+    if swap_flip is None and share is None:
+        return f"not enough information (no relevance, no background swap possible) [{rule}]"
+    share_ok = share is None or share >= LUNGS_MIN_SHARE
+    swap_ok = swap_flip is None or swap_flip <= LUNGS_MAX_SWAP_FLIP
+    shortcut = (share is not None and share < SHORTCUT_MAX_SHARE) or (
+        swap_flip is not None and swap_flip > SHORTCUT_MIN_SWAP_FLIP
+    )
+    if share_ok and swap_ok:
+        result = "looks at the lungs"
+    elif shortcut:
+        result = "uses the background (shortcut)"
+    else:
+        result = "mixed: partly uses the background"
+    return f"{result} [{rule}]"
+
+
+def run_audit(
+    backend: Any,
+    audit_set: AuditSet,
+    batch_size: int = 16,
+    on_step: Any = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Summary and per-image rows of the audit. `on_step(name)` is called after each stage."""
+    x, m, labels = audit_set.x, audit_set.masks, audit_set.labels
+    n, size = len(x), x.shape[-1]
+    classes = backend.classes
+    sigma = max(1.0, size * BLUR_SIGMA_FRACTION)
+    lungs, bg = m.astype(bool), ~m.astype(bool)
+    xs = x.mean(axis=1, keepdims=True)  # intensity, whatever the channel count
+    fills = {"background": float(xs[bg].mean()), "lungs": float(xs[lungs].mean())}
+    probs0 = _batched_probs(backend, x, batch_size)
+    pred0 = probs0.argmax(axis=1)
+    if on_step:
+        on_step("original")
+
+    share = np.full(n, np.nan)
+    if backend.has_relevance:
+        from isnet_cli.evaluate import mask_shares
+
+        for i in range(0, n, batch_size):
+            _, r = backend.relevance(x[i : i + batch_size])
+            share[i : i + batch_size] = mask_shares(r, m[i : i + batch_size])[1]
+        if on_step:
+            on_step("relevance")
+
+    known = labels >= 0
+    partners = swap_partners(np.where(known, labels, pred0) if known.all() else pred0)
+    results: dict[str, dict[str, Any]] = {}
+    for kind in PERTURBATIONS:
+        rows = np.arange(n) if kind != "background_swap" else np.flatnonzero(partners >= 0)
+        probs = np.full_like(probs0, np.nan)
+        for i in range(0, len(rows), batch_size):
+            idx = rows[i : i + batch_size]
+            other = x[partners[idx]] if kind == "background_swap" else None
+            other_m = m[partners[idx]] if kind == "background_swap" else None
+            xb = perturb(kind, x[idx], m[idx], fills, sigma, other, other_m)
+            probs[idx] = _batched_probs(backend, xb, batch_size)
+        flips = np.where(np.isnan(probs[:, 0]), np.nan, (probs.argmax(axis=1) != pred0).astype(float))
+        dp = np.abs(probs[np.arange(n), pred0] - probs0[np.arange(n), pred0])
+        results[kind] = {"probs": probs, "flips": flips, "dp": dp}
+        if on_step:
+            on_step(kind)
+
+    def rate(values: np.ndarray) -> float | None:
+        v = values[np.isfinite(values)]
+        return float(v.mean()) if len(v) else None
+
+    def accuracy(probs: np.ndarray) -> float | None:
+        ok = known & np.isfinite(probs[:, 0])
+        return float((probs[ok].argmax(axis=1) == labels[ok]).mean()) if ok.any() else None
+
+    share_mean = rate(share)
+    swap_flip = rate(results["background_swap"]["flips"])
+    summary: dict[str, Any] = {
+        "n": n,
+        "classes": classes,
+        "inside_mask_share": {
+            "mean": share_mean,
+            "median": float(np.nanmedian(share)) if np.isfinite(share).any() else None,
+            "definition": "sum(|R| M) / sum(|R|), R = LRP of the predicted class",
+        }
+        if share_mean is not None
+        else None,
+        "flip_rate": {k: rate(v["flips"]) for k, v in results.items()},
+        "mean_abs_prob_change": {k: rate(v["dp"]) for k, v in results.items()},
+        "accuracy": {
+            "original": accuracy(probs0),
+            "background_removed": accuracy(results["background_mean"]["probs"]),
+            **{f"{k}": accuracy(v["probs"]) for k, v in results.items() if k != "background_mean"},
+        }
+        if known.any()
+        else None,
+        "fill_values": fills,
+        "blur_sigma_px": sigma,
+        "swap_partner": "random image of another class (true label if every image has one, else predicted), seed 0",
+        "thresholds": {
+            "looks_at_lungs": {"min_inside_share": LUNGS_MIN_SHARE, "max_swap_flip_rate": LUNGS_MAX_SWAP_FLIP},
+            "uses_background": {"max_inside_share": SHORTCUT_MAX_SHARE, "min_swap_flip_rate": SHORTCUT_MIN_SWAP_FLIP},
+        },
+        "verdict": verdict(share_mean, swap_flip),
+    }
+    per_image = []
+    for i in range(n):
+        row: dict[str, Any] = {
+            "file": audit_set.files[i],
+            "label": classes[labels[i]] if labels[i] >= 0 else None,
+            "predicted": classes[pred0[i]],
+            "p_predicted": float(probs0[i, pred0[i]]),
+            "inside_mask_share": None if np.isnan(share[i]) else float(share[i]),
+        }
+        for kind, res in results.items():
+            flip = res["flips"][i]
+            row[kind] = (
+                None
+                if np.isnan(flip)
+                else {
+                    "predicted": classes[int(res["probs"][i].argmax())],
+                    "flipped": bool(flip),
+                    "abs_prob_change": float(res["dp"][i]),
+                }
+            )
+        row["swap_partner"] = audit_set.files[partners[i]] if partners[i] >= 0 else None
+        per_image.append(row)
+    return summary, per_image
+
+
+def worst_offenders(per_image: list[dict[str, Any]], k: int = 8) -> list[int]:
+    """Indices of the images most driven by the background: swap flips first, then lowest share, then |dp|."""
+
+    def badness(i: int) -> tuple[float, float, float]:
+        row = per_image[i]
+        swap = row["background_swap"] or {}
+        share = row["inside_mask_share"]
+        return (
+            float(swap.get("flipped", False)),
+            -(share if share is not None else 1.0),
+            swap.get("abs_prob_change", 0.0),
+        )
+
+    return sorted(range(len(per_image)), key=badness, reverse=True)[:k]
+
+
+def contact_sheet(
+    path: Path,
+    backend: Any,
+    audit_set: AuditSet,
+    per_image: list[dict[str, Any]],
+    indices: list[int],
+    fills: dict[str, float],
+) -> None:
+    """PNG: per offender the input with the lung contour, its LRP heatmap (if any) and the swapped input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not indices:
+        return
+    x, m = audit_set.x[indices], audit_set.masks[indices]
+    relevance = backend.relevance(x)[1].sum(axis=1) if backend.has_relevance else None
+    cols = 3 if relevance is not None else 2
+    fig, axes = plt.subplots(len(indices), cols, figsize=(2.6 * cols, 2.7 * len(indices)), squeeze=False)
+    for row, i in enumerate(indices):
+        info = per_image[i]
+        img = x[row].mean(axis=0)
+        ax = axes[row][0]
+        ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(img.max()), 1e-6))
+        ax.contour(m[row, 0], levels=[0.5], colors="lime", linewidths=0.8)
+        share = info["inside_mask_share"]
+        ax.set_title(
+            f"{Path(info['file']).name}\npred {info['predicted']} (true {info['label']})"
+            + (f"\nin-lung |R| {share:.2f}" if share is not None else ""),
+            fontsize=7,
+        )
+        if relevance is not None:
+            r = relevance[row]
+            lim = float(np.abs(r).max()) or 1.0
+            axes[row][1].imshow(r, cmap="bwr", vmin=-lim, vmax=lim)
+            axes[row][1].contour(m[row, 0], levels=[0.5], colors="k", linewidths=0.5)
+            axes[row][1].set_title("LRP relevance", fontsize=7)
+        swap = info["background_swap"]
+        ax = axes[row][cols - 1]
+        if swap is not None and info["swap_partner"] is not None:
+            j = audit_set.files.index(info["swap_partner"])
+            swapped = perturb(
+                "background_swap",
+                x[row : row + 1],
+                m[row : row + 1],
+                fills,
+                1.0,
+                audit_set.x[j : j + 1],
+                audit_set.masks[j : j + 1],
+            )
+            ax.imshow(swapped[0].mean(axis=0), cmap="gray")
+            ax.set_title(
+                f"background swapped\npred {swap['predicted']}" + (" (FLIP)" if swap["flipped"] else ""), fontsize=7
+            )
+        for a in axes[row]:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_audit_set(
+    samples: list[Any], classes: list[str], contract: Any, batch_size: int, fail_fast: bool, on_batch: Any = None
+) -> tuple[AuditSet, list[dict[str, str]], int]:
+    """Preprocess the samples that have a mask; returns the set, the failures and how many had no mask."""
+    from isnet_cli.predict import iter_prepared
+
+    masked = [s for s in samples if s.mask is not None]
+    index = {c: i for i, c in enumerate(classes)}
+    files, xs, ms, labels, failed = [], [], [], [], []
+    for batch in iter_prepared(masked, contract, batch_size, with_mask=True):
+        for sample, prepared in batch:
+            problem = prepared if isinstance(prepared, Exception) else None
+            if problem is None and (prepared.mask is None or not prepared.mask.any()):
+                problem = InputError(sample.mask, "mask is empty", "audit needs a lung mask for every image")
+            if problem is not None:
+                if fail_fast:
+                    raise problem
+                failed.append({"file": str(sample.image), "error": str(problem)})
+                continue
+            files.append(str(sample.image))
+            xs.append(prepared.x)
+            ms.append(prepared.mask)
+            labels.append(index.get(str(sample.label), -1) if sample.label is not None else -1)
+        if on_batch is not None:
+            on_batch(len(batch))
+    if not files:
+        raise InputError(None, "no image with a usable lung mask", "audit needs a manifest with a mask column")
+    audit_set = AuditSet(files, np.stack(xs), np.stack(ms).astype(np.float32), np.array(labels, dtype=np.int64))
+    return audit_set, failed, len(samples) - len(masked)
+
+
+def write_audit(path: Path, summary: dict[str, Any], per_image: list[dict[str, Any]]) -> None:
+    from isnet_cli.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps({**summary, "images": per_image}, indent=2) + "\n").encode())

@@ -1,0 +1,132 @@
+"""`isnet audit`: does this model look at the lungs? (relevance share + background counterfactuals)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run under runs/."
+
+
+@click.command("audit")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for audit.json and audit_worst.png (default: <run>/audit or ./audit).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--label-column", default=None, help="Manifest column with the class names (default: label).")
+@click.option(
+    "--worst",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Images in the contact sheet of worst offenders.",
+)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable image or mask.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(
+    data: str,
+    model: str | None,
+    out_dir: str | None,
+    as_json: bool,
+    label_column: str | None,
+    worst: int,
+    batch_size: int,
+    device: str,
+    fail_fast: bool,
+    no_progress: bool,
+) -> None:
+    """Audit whether a model's decisions come from the lungs or from the background.
+
+    For every image with a lung mask: the share of |LRP relevance| inside the lungs, and how often the
+    prediction flips when the background is replaced (mean-filled, blurred, swapped with another
+    class's background) or the lungs are hidden. Works on any model, ISNet or not.
+
+    \b
+    Example:
+      isnet audit data/test.csv --model runs/isnet-1 --out audit/
+    """
+    from isnet_cli.audit import PERTURBATIONS, contact_sheet, load_audit_set, run_audit, worst_offenders, write_audit
+    from isnet_cli.errors import InputError
+    from isnet_cli.io.manifest import read_dataset
+    from isnet_cli.predict import load_backend, say, say_error
+    from isnet_cli.progress import make_progress, progress_enabled
+
+    spec = read_dataset(data, label_column=label_column, require_labels=False)
+    backend = load_backend(model, device=device)
+    say(f"model {backend.model_id}: {backend.description}")
+    if not backend.has_relevance:
+        say("no relevance for this model (ONNX without --with-heatmap): counterfactual tests only")
+    enabled = progress_enabled(no_progress)
+    with make_progress(enabled) as progress:
+        task = progress.add_task("load", total=len(spec.samples))
+        audit_set, failed, unmasked = load_audit_set(
+            spec.samples,
+            backend.classes,
+            backend.contract,
+            batch_size,
+            fail_fast,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+        steps = progress.add_task("audit", total=2 + len(PERTURBATIONS))
+        summary, per_image = run_audit(backend, audit_set, batch_size, on_step=lambda _: progress.advance(steps))
+    for failure in failed:
+        say_error(failure["error"])
+    summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
+    summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
+    if backend.path.suffix == ".safetensors":
+        out = Path(out_dir) if out_dir else backend.path.parent / "audit"
+    else:
+        out = Path(out_dir) if out_dir else Path("audit")
+    out.mkdir(parents=True, exist_ok=True)
+    write_audit(out / "audit.json", summary, per_image)
+    sheet = out / "audit_worst.png"
+    contact_sheet(sheet, backend, audit_set, per_image, worst_offenders(per_image, worst), summary["fill_values"])
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    say(f"wrote {out / 'audit.json'}" + (f" and {sheet}" if worst else ""))
+    if failed:
+        raise InputError(None, f"{len(failed)} images could not be audited (listed above)")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = Console(file=sys.stdout)
+    table = Table(title=f"audit of {summary['n']} masked images", show_header=True, title_justify="left")
+    table.add_column("test")
+    table.add_column("flip rate", justify="right")
+    table.add_column("mean |dp|", justify="right")
+    table.add_column("accuracy", justify="right")
+    acc = summary["accuracy"] or {}
+    table.add_row("original", "", "", _pct(acc.get("original")))
+    for kind, rate in summary["flip_rate"].items():
+        key = "background_removed" if kind == "background_mean" else kind
+        table.add_row(
+            kind.replace("_", " "), _pct(rate), f"{summary['mean_abs_prob_change'][kind] or 0:.3f}", _pct(acc.get(key))
+        )
+    out.print(table)
+    share = summary["inside_mask_share"]
+    if share:
+        out.print(f"|R| inside the lungs: mean {share['mean']:.3f}, median {share['median']:.3f}")
+    out.print(f"[bold]verdict:[/bold] {escape(summary['verdict'])}")

@@ -1,0 +1,193 @@
+"""`isnet evaluate`: metrics with 95% CIs, confusion matrix, ROC, relevance inside the lung mask."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run under runs/."
+
+
+def default_out_dir(model_path: Path) -> Path:
+    """The run folder's eval/ for a checkpoint, ./eval for an exported model."""
+    return model_path.parent / "eval" if model_path.suffix == ".safetensors" else Path("eval")
+
+
+def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, Any], what: str) -> Any:
+    from isnet_cli.evaluate import score_samples
+    from isnet_cli.progress import make_progress, progress_enabled
+
+    with make_progress(progress_enabled(opts["no_progress"])) as progress:
+        task = progress.add_task(what, total=len(samples))
+        return score_samples(
+            backend,
+            samples,
+            labels,
+            batch_size=opts["batch_size"],
+            with_relevance=opts["relevance"],
+            fail_fast=opts["fail_fast"],
+            on_batch=lambda n: progress.advance(task, n),
+        )
+
+
+@click.command("evaluate")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for report.json, confusion.png, roc.png (default: <run>/eval or ./eval).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option(
+    "--compare",
+    "compare_model",
+    default=None,
+    help="A second model: AUROC difference on the same data with a paired test.",
+)
+@click.option("--label-column", default=None, help="Manifest column with the class names (default: label).")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Two-class models: predict the second class when p >= this (default: argmax).",
+)
+@click.option(
+    "--relevance/--no-relevance",
+    default=True,
+    show_default=True,
+    help="Measure LRP relevance inside the masks (needs a checkpoint or a --with-heatmap export).",
+)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(
+    data: str,
+    model: str | None,
+    out_dir: str | None,
+    as_json: bool,
+    compare_model: str | None,
+    label_column: str | None,
+    threshold: float | None,
+    relevance: bool,
+    batch_size: int,
+    device: str,
+    fail_fast: bool,
+    no_progress: bool,
+) -> None:
+    """Evaluate a model on a labelled set (manifest CSV or images/<class>/ tree).
+
+    Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, AUROC with DeLong 95% CIs
+    (bootstrap CIs for the others), confusion matrix, ROC curves and, where masks are given, the
+    share of LRP relevance inside the mask. Unreadable images are reported and skipped (exit 2).
+
+    \b
+    Example:
+      isnet evaluate data/test.csv --model runs/resnet18-1 --compare runs/baseline --json
+    """
+    from isnet_cli.errors import InputError
+    from isnet_cli.evaluate import build_report, compare_models, label_indices, write_report
+    from isnet_cli.io.manifest import read_dataset
+    from isnet_cli.predict import check_threshold, load_backend, say, say_error
+
+    spec = read_dataset(data, label_column=label_column)
+    backend = load_backend(model, device=device)
+    check_threshold(threshold, backend.classes)
+    say(f"model {backend.model_id}: {backend.description}")
+    labels = label_indices(spec.samples, backend.classes, data)
+    opts = {"batch_size": batch_size, "relevance": relevance, "fail_fast": fail_fast, "no_progress": no_progress}
+    scored = run_scoring(backend, spec.samples, labels, opts, "evaluate")
+    for failure in scored.failed:
+        say_error(failure["error"])
+    report = build_report(scored, backend.classes, threshold)
+    report["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
+    report["data"] = {"path": str(data), "images": len(spec.samples)}
+    if relevance and report["inside_mask_share"] is None:
+        reason = "no masks in the data" if not any(s.mask for s in spec.samples) else "no relevance for this model"
+        report["inside_mask_share_note"] = reason
+    if compare_model is not None:
+        other = load_backend(compare_model, device=device)
+        if other.classes != backend.classes:
+            raise InputError(compare_model, f"classes {other.classes} differ from the model's {backend.classes}")
+        say(f"compare with {other.model_id}: {other.description}")
+        other_scored = run_scoring(other, spec.samples, labels, {**opts, "relevance": False}, "evaluate (compare)")
+        report["compare"] = {
+            "model_a": report["model"],
+            "model_b": {"file": str(other.path), "model_id": other.model_id, "arch": other.meta.get("arch")},
+            **compare_models(scored, other_scored, backend.classes),
+        }
+    out = Path(out_dir) if out_dir else default_out_dir(backend.path)
+    write_report(report, scored, out)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    say(f"wrote {out / 'report.json'}, {out / 'confusion.png'}, {out / 'roc.png'}")
+    if scored.failed:
+        raise InputError(None, f"{len(scored.failed)} of {len(spec.samples)} images could not be used (listed above)")
+
+
+def _fmt(value: float | None, ci: list[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(file=sys.stdout)
+    ci = report["ci95"]
+    summary = Table(title=f"evaluation on {report['n']} images (95% CI)", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("accuracy", _fmt(report["accuracy"], ci["accuracy"]))
+    summary.add_row("balanced accuracy", _fmt(report["balanced_accuracy"], ci["balanced_accuracy"]))
+    summary.add_row("macro-F1", _fmt(report["macro_f1"], ci["macro_f1"]))
+    summary.add_row("AUROC (macro, one-vs-rest)", _fmt(report["auroc"]["macro"], report["auroc"]["ci95"]))
+    share = report["inside_mask_share"]
+    if share:
+        summary.add_row(
+            "|R| inside mask (mean / median)", f"{share['absolute']['mean']:.3f} / {share['absolute']['median']:.3f}"
+        )
+        summary.add_row(
+            "R+ inside mask (mean / median)", f"{share['positive']['mean']:.3f} / {share['positive']['median']:.3f}"
+        )
+    out.print(summary)
+    per = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "AUROC (95% CI)", "support"):
+        per.add_column(col, justify="left" if col == "class" else "right")
+    for name, row in report["per_class"].items():
+        auc = report["auroc"]["per_class"][name]
+        per.add_row(
+            name,
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            _fmt(auc["auroc"], auc["ci95"]),
+            str(row["support"]),
+        )
+    out.print(per)
+    labels = report["confusion"]["labels"]
+    conf = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    conf.add_column("true \\ predicted", style="bold")
+    for name in labels:
+        conf.add_column(name, justify="right")
+    for name, row in zip(labels, report["confusion"]["matrix"], strict=True):
+        conf.add_row(name, *[str(v) for v in row])
+    out.print(conf)
+    if "compare" in report:
+        c = report["compare"]
+        out.print(
+            f"AUROC difference (this - {c['model_b']['model_id']}): {_fmt(c['difference'], c['ci95'])}, "
+            f"p = {_fmt(c['p_value'])} ({c['test']}, n = {c['n']})"
+        )

@@ -1,0 +1,139 @@
+"""`isnet predict`: class probabilities for files, folders, manifests or a list on stdin."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+MODEL_HELP = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar); default: newest run under runs/."
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
+@click.option(
+    "--csv",
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write results to this file (CSV; JSON lines if it ends in .jsonl). Appended per batch.",
+)
+@click.option("--resume", is_flag=True, help="Skip inputs already in the --out file and append the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Two-class models: predict the second class when its probability >= this (default: argmax).",
+)
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Decoding threads (0 = up to 4).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(
+    inputs: tuple[str, ...],
+    model: str | None,
+    as_json: bool,
+    out: str | None,
+    resume: bool,
+    overwrite: bool,
+    batch_size: int,
+    device: str,
+    threshold: float | None,
+    workers: int,
+    fail_fast: bool,
+    no_progress: bool,
+) -> None:
+    """Predict the class of every INPUT (files, folders, manifest CSVs, '-' = paths on stdin).
+
+    Unreadable inputs are reported and skipped; the exit code is then 2. With an .onnx model this
+    runs on onnxruntime and never imports torch.
+
+    \b
+    Example:
+      isnet predict scans/ --model model.onnx --out results.csv --resume
+    """
+    from isnet_cli.errors import InputError
+    from isnet_cli.io.inputs import expand_inputs
+    from isnet_cli.predict import (
+        Failure,
+        ResultsFile,
+        check_threshold,
+        load_backend,
+        pending,
+        predict_samples,
+        say,
+        say_error,
+    )
+    from isnet_cli.progress import make_progress, progress_enabled
+
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out FILE")
+    backend = load_backend(model, device=device)
+    check_threshold(threshold, backend.classes)
+    say(f"model {backend.model_id}: {backend.description}")
+    samples = expand_inputs(list(inputs))
+    results = ResultsFile(Path(out), backend.classes, resume=resume, overwrite=overwrite) if out else None
+    todo = pending(samples, results)
+    if results is not None and len(todo) < len(samples):
+        say(f"resume: {len(samples) - len(todo)} of {len(samples)} inputs already in {out}")
+    table_rows = []
+    failures = 0
+    try:
+        with make_progress(progress_enabled(no_progress) and len(todo) > 1) as progress:
+            task = progress.add_task("predict", total=len(todo))
+
+            def after_batch(n: int) -> None:
+                if results is not None:
+                    results.flush()
+                progress.advance(task, n)
+
+            for item in predict_samples(
+                backend, todo, batch_size, threshold, fail_fast, workers=workers, on_batch=after_batch
+            ):
+                if isinstance(item, Failure):
+                    failures += 1
+                    say_error(item.message)
+                    continue
+                if as_json:
+                    click.echo(json.dumps(item.to_json(backend.model_id)))
+                if results is not None:
+                    results.write(item, backend.model_id)
+                if not as_json and results is None:
+                    table_rows.append(item)
+    finally:
+        if results is not None:
+            results.close()
+    if table_rows:
+        _print_table(table_rows, backend.classes)
+    done = len(todo) - failures
+    say(f"{done} predicted, {failures} failed" + (f", results in {out}" if out else ""))
+    if failures:
+        raise InputError(None, f"{failures} of {len(todo)} inputs could not be used (listed above)")
+
+
+def _print_table(rows: list, classes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("predicted", style="bold")
+    for c in classes:
+        table.add_column(f"p({c})", justify="right")
+    with_labels = any(r.label is not None for r in rows)
+    if with_labels:
+        table.add_column("label")
+    for r in rows:
+        cells = [Text(r.file), Text(r.predicted), *[f"{r.probabilities[c]:.3f}" for c in classes]]
+        if with_labels:
+            cells.append(Text("" if r.label is None else str(r.label)))
+        table.add_row(*cells)
+    Console(file=sys.stdout).print(table)

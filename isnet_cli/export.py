@@ -1,0 +1,407 @@
+"""Export a checkpoint for deployment: ONNX (onnxruntime) or TorchScript, verified before it is written.
+
+The exported graph is the plain classifier (no LRP), input `input` float32 (batch, C, S, S) with a
+dynamic batch axis, output `logits` (batch, K). The checkpoint metadata (classes, input contract,
+ISNet settings, metrics, versions) plus an `export` block goes into the ONNX `metadata_props`
+(`isnet.meta`, plus flat `classes`, `input_contract`, `arch`, `opset` keys for model viewers) and
+into the sidecar `FILE.json` (see `onnx_runtime.sidecar_path`). `--with-heatmap` also writes
+`<stem>.heatmap.onnx` with outputs `logits` and `relevance` (LRP of the predicted class).
+
+Files are exported to a temporary name, verified on onnxruntime against torch, then renamed: a
+failed verification leaves nothing behind that looks deployable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isnet_cli.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint, resolve_model, versions
+from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.io.contract import InputContract
+from isnet_cli.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
+
+DEFAULT_OPSET = 17
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter emits opset 18 and cannot down-convert (Reduce* axes inputs)
+LOGIT_TOLERANCE = 1e-4  # max |logit_onnx - logit_torch|
+HEATMAP_TOLERANCE = 1e-3  # max |R_onnx - R_torch| / max |R_torch|
+
+
+class VerificationError(IsnetError):
+    """The exported file does not reproduce the torch model within tolerance (exit 1)."""
+
+
+def _conv_transpose_onnx(g: torch.Tensor, conv: nn.Module, weight: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
+    """Wᵀg as a transposed convolution (ONNX ConvTranspose); equal to the engine's `aten.convolution_backward`.
+
+    output_padding restores the input size that a strided convolution rounded away.
+    """
+    from isnet_cli.lrp.rules import fold, unfold
+
+    nd = weight.dim() - 2
+    padding = [0] * nd if conv.padding == "valid" else list(conv.padding)
+    out_sizes = g.shape[3:]
+    output_padding = [
+        int(in_shape[2 + i])
+        - ((int(out_sizes[i]) - 1) * conv.stride[i] - 2 * padding[i] + conv.dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(nd)
+    ]
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+    out = fn(fold(g), weight, None, conv.stride, padding, output_padding, conv.groups, conv.dilation)
+    return unfold(out, g.shape[0])
+
+
+def _pool_transpose_onnx(original: Any) -> Any:
+    """Average pools as transposed depthwise convolutions with uniform weights (ONNX-exportable).
+
+    Covers nn.AvgPool2d (count_include_pad, no ceil_mode/divisor) and adaptive pools whose output
+    divides the input; anything else keeps the engine's own kernel.
+    """
+    from isnet_cli.lrp.rules import fold, unfold
+
+    def pool_transpose(g, module, fn, args, kwargs, in_shape):
+        kernel = stride = padding = None
+        adaptive = isinstance(module, nn.AdaptiveAvgPool2d)
+        # a functional average (F.adaptive_avg_pool2d(x, 1), x.mean((2, 3), keepdim=True)) down to 1x1 is global
+        global_pool = (adaptive or module is None) and len(in_shape) == 4 and g.dim() == 5
+        if global_pool and tuple(g.shape[-2:]) == (1, 1):  # global average: spread evenly
+            return (g / (int(in_shape[-1]) * int(in_shape[-2]))).expand(g.shape[0], *in_shape)
+        if isinstance(module, nn.AvgPool2d) and module.count_include_pad and not module.ceil_mode:
+            if module.divisor_override is None:
+                kernel, stride, padding = (
+                    nn.modules.utils._pair(v) for v in (module.kernel_size, module.stride, module.padding)
+                )
+        elif adaptive and len(in_shape) == 4:
+            h, w = int(in_shape[-2]), int(in_shape[-1])
+            oh, ow = int(g.shape[-2]), int(g.shape[-1])
+            if h % oh == 0 and w % ow == 0:
+                kernel = stride = (h // oh, w // ow)
+                padding = (0, 0)
+        if kernel is None:
+            return original(g, module, fn, args, kwargs, in_shape)
+        c = int(in_shape[1])
+        weight = g.new_full((c, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
+        out_hw = g.shape[-2:]
+        output_padding = [
+            int(in_shape[2 + i]) - ((int(out_hw[i]) - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(2)
+        ]
+        out = F.conv_transpose2d(fold(g), weight, None, stride, padding, output_padding, c)
+        return unfold(out, g.shape[0])
+
+    return pool_transpose
+
+
+@contextlib.contextmanager
+def exportable_lrp() -> Any:
+    """While tracing, swap the engine's autograd backward kernels (`aten.convolution_backward`, pool
+    backwards) for the equivalent transposed convolutions, and its no-op `sum_to_size` for identity:
+    ONNX has ConvTranspose but no backward ops. The relevance is the same function;
+    `verify_heatmap` checks the exported graph against the unpatched torch engine."""
+    from isnet_cli.lrp import rules
+
+    original_sum_to_size = torch.Tensor.sum_to_size
+
+    def sum_to_size(self: torch.Tensor, *size: Any) -> torch.Tensor:
+        # the engine calls it on same-shaped tensors (a no-op); ONNX has no aten::sum_to_size
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+        return self if tuple(self.shape) == shape else original_sum_to_size(self, shape)
+
+    with (
+        mock.patch.object(rules, "conv_transpose", _conv_transpose_onnx),
+        mock.patch.object(rules, "pool_transpose", _pool_transpose_onnx(rules.pool_transpose)),
+        mock.patch.object(torch.Tensor, "sum_to_size", sum_to_size),
+    ):
+        yield
+
+
+class HeatmapGraph(nn.Module):
+    """`x -> (logits, R)`: the classifier and the LRP relevance (B, C, S, S) of its predicted class."""
+
+    def __init__(self, model: nn.Module, epsilon: float, low: float, high: float) -> None:
+        super().__init__()
+        from isnet_cli.lrp import LRP
+
+        self.model = model
+        self.lrp = LRP(model, epsilon=epsilon, low=low, high=high)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        relevance = self.lrp(x, "predicted")
+        return self.lrp.logits, relevance
+
+
+def example_inputs(contract: InputContract, batch: int, seed: int = 0) -> torch.Tensor:
+    """Uniform noise in [low, high]: exercises every channel and the whole value range."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, contract.channels, contract.size, contract.size)
+    return contract.low + (contract.high - contract.low) * torch.rand(shape, generator=g)
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, outputs: list[str], opset: int, dynamo: bool) -> bytes:
+    """Serialise `module` to ONNX with a dynamic batch axis on the input and every output."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # shape arithmetic is constant for a fixed input size; the batch axis is checked by verification
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the TorchScript-based exporter is chosen on purpose (<1 s vs ~15 s, same numbers)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        target = Path(tmp) / "model.onnx"
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            # the dynamo exporter reports progress on stdout, which belongs to --json output
+            with contextlib.redirect_stdout(sys.stderr):
+                program = torch.onnx.export(
+                    module,
+                    (example,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=outputs,
+                    opset_version=opset,
+                    dynamic_shapes=({0: batch},),
+                    external_data=False,
+                )
+            program.save(str(target), external_data=False)
+        else:
+            axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
+            torch.onnx.export(
+                module,
+                (example,),
+                str(target),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=outputs,
+                opset_version=opset,
+                dynamic_axes=axes,
+                external_data=False,
+            )
+        return target.read_bytes()
+
+
+def export_error(what: str, exc: Exception) -> ModelError:
+    """One-line error for a failed export (the TorchScript exporter appends the whole traced graph)."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ModelError(f"cannot export {what} to ONNX ({type(exc).__name__}: {reason})")
+
+
+def _with_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
+    """Embed `meta` in the model's metadata_props (full JSON under `isnet.meta`, plus flat keys)."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    props = {
+        META_KEY: json.dumps(meta),
+        "classes": json.dumps(meta["classes"]),
+        "input_contract": json.dumps(meta["contract"]),
+        "arch": str(meta.get("arch", "")),
+        "opset": str(meta["export"]["opset"]),
+    }
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"isnet classifier {meta.get('arch', '')}: classes {meta['classes']}"
+    return proto.SerializeToString()
+
+
+def _run_onnx(path: Path, x: torch.Tensor, outputs: list[str]) -> list[np.ndarray]:
+    session = make_session(path, "cpu")
+    return session.run(outputs, {INPUT_NAME: x.numpy()})
+
+
+def verify_logits(path: Path, model: nn.Module, examples: list[torch.Tensor], tolerance: float) -> float:
+    """Max |logits_onnx - logits_torch| over `examples` (several batch sizes: proves the dynamic axis)."""
+    worst = 0.0
+    for x in examples:
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = _run_onnx(path, x, [LOGITS_NAME])
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > tolerance:
+        raise VerificationError(f"{path.name}: onnxruntime logits differ from torch by {worst:.3g} > {tolerance:g}")
+    return worst
+
+
+def verify_heatmap(path: Path, graph: HeatmapGraph, examples: list[torch.Tensor], tolerance: float) -> float:
+    """Max |R_onnx - R_torch| / max |R_torch| (and the logits check) over `examples`."""
+    worst = 0.0
+    for x in examples:
+        with torch.no_grad():
+            logits, relevance = graph(x)
+        got_logits, got_r = _run_onnx(path, x, [LOGITS_NAME, RELEVANCE_NAME])
+        if float(np.abs(got_logits - logits.numpy()).max()) > LOGIT_TOLERANCE:
+            raise VerificationError(f"{path.name}: heatmap graph logits differ from torch")
+        scale = float(relevance.abs().max()) or 1.0
+        worst = max(worst, float(np.abs(got_r - relevance.numpy()).max()) / scale)
+    if worst > tolerance:
+        raise VerificationError(
+            f"{path.name}: onnxruntime relevance differs from the torch LRP engine by {worst:.3g} "
+            f"(relative to max |R|) > {tolerance:g}"
+        )
+    return worst
+
+
+def export_model(
+    model: str | Path | None,
+    out: str | Path,
+    fmt: str = "onnx",
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = False,
+    verify: bool = True,
+    with_heatmap: bool = False,
+) -> dict[str, Any]:
+    """Export the checkpoint `model` to `out`; returns the sidecar metadata that was written.
+
+    Verification runs the exported file on example batches of 1 and 3 and compares with torch.
+    """
+    source = Path(resolve_model(None if model is None else str(model)))
+    if source.suffix.lower() == ".onnx":
+        raise InputError(source, "is already an exported model", "export from a checkpoint or a run folder")
+    out = Path(out)
+    if fmt == "onnx" and out.suffix.lower() != ".onnx":
+        raise InputError(out, "ONNX output must end in .onnx")
+    if with_heatmap and fmt != "onnx":
+        raise InputError(None, "--with-heatmap needs --format onnx")
+    net, meta = load_checkpoint(source, device="cpu")
+    contract = InputContract.from_dict(meta["contract"])
+    examples = [example_inputs(contract, 3, seed=0), example_inputs(contract, 1, seed=1)]
+    export_meta: dict[str, Any] = {
+        "format": fmt,
+        "file": out.name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", contract.channels, contract.size, contract.size]},
+        "outputs": [LOGITS_NAME],
+        "dynamic_batch": True,
+        "source": {"file": source.name, "sha256": file_sha256(source)},
+        "versions": {**versions(), **_export_versions()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "heatmap": None,
+        "verified": None,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        if fmt == "onnx":
+            if dynamo:
+                opset = max(opset, DYNAMO_MIN_OPSET)
+            export_meta.update(opset=opset, exporter="dynamo" if dynamo else "torchscript")
+            if with_heatmap:
+                export_meta["heatmap"] = _export_heatmap(net, meta, contract, out, opset, dynamo, verify, examples)
+                written.append(out.with_name(export_meta["heatmap"]["file"]))
+            try:
+                data = _onnx_bytes(net, examples[0], [LOGITS_NAME], opset, dynamo)
+            except Exception as exc:
+                raise export_error("the classifier", exc) from exc
+            tmp = out.with_name(f".{out.name}.tmp")
+            written.append(tmp)
+            tmp.write_bytes(data)
+            if verify:
+                export_meta["verified"] = {
+                    "runtime": "onnxruntime CPU",
+                    "batches": [int(x.shape[0]) for x in examples],
+                    "max_abs_diff": verify_logits(tmp, net, examples, LOGIT_TOLERANCE),
+                    "tolerance": LOGIT_TOLERANCE,
+                }
+            # metadata last, so that the embedded copy equals the sidecar (verification result included)
+            tmp.write_bytes(_with_metadata(data, {**meta, "export": export_meta}))
+            os.replace(tmp, out)
+        elif fmt == "torchscript":
+            export_meta["exporter"] = "torch.jit.trace"
+            full = {**meta, "export": export_meta}
+            _export_torchscript(net, examples, out, full, verify)
+        else:
+            raise InputError(None, f"unknown export format {fmt!r}", "use onnx or torchscript")
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    full = {**meta, "export": export_meta}
+    atomic_write_bytes(sidecar_path(out), (json.dumps(full, indent=2) + "\n").encode())
+    return full
+
+
+def _export_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _export_heatmap(
+    net: nn.Module,
+    meta: dict[str, Any],
+    contract: InputContract,
+    out: Path,
+    opset: int,
+    dynamo: bool,
+    verify: bool,
+    examples: list[torch.Tensor],
+) -> dict[str, Any]:
+    """Write `<stem>.heatmap.onnx` (outputs logits, relevance) and return its `export.heatmap` block."""
+    eps = float((meta.get("isnet") or {}).get("eps", 0.01))
+    graph = HeatmapGraph(net, epsilon=eps, low=contract.low, high=contract.high).eval()
+    target = out.with_name(f"{out.stem}.heatmap.onnx")
+    try:
+        with exportable_lrp():
+            data = _onnx_bytes(graph, examples[0], [LOGITS_NAME, RELEVANCE_NAME], opset, dynamo)
+    except Exception as exc:
+        raise export_error("the LRP heatmap graph", exc) from exc
+    block: dict[str, Any] = {
+        "file": target.name,
+        "outputs": [LOGITS_NAME, RELEVANCE_NAME],
+        "target": "predicted",
+        "rules": {"epsilon": eps, "first_rule": "zb", "low": contract.low, "high": contract.high},
+        "verified": None,
+    }
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(_with_metadata(data, {**meta, "export": {"opset": opset, "heatmap_graph": True}}))
+    try:
+        if verify:
+            block["verified"] = {
+                "max_rel_diff": verify_heatmap(tmp, graph, examples, HEATMAP_TOLERANCE),
+                "tolerance": HEATMAP_TOLERANCE,
+                "relative_to": "max |R| of the torch engine",
+            }
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return block
+
+
+def _export_torchscript(
+    net: nn.Module, examples: list[torch.Tensor], out: Path, meta: dict[str, Any], verify: bool
+) -> None:
+    """Trace, embed the metadata as the extra file `isnet.json`, reload and compare with eager."""
+    import io
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated upstream but is still what C++/LibTorch deployments load
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(net, examples[0], check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"isnet.json": json.dumps(meta)})
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer, map_location="cpu") if verify else None
+    if loaded is not None:
+        worst = 0.0
+        for x in examples:
+            with torch.no_grad():
+                worst = max(worst, float((loaded(x) - net(x)).abs().max()))
+        if worst > LOGIT_TOLERANCE:
+            raise VerificationError(f"{out.name}: TorchScript output differs from eager by {worst:.3g}")
+        meta["export"]["verified"] = {
+            "runtime": "torch.jit",
+            "batches": [int(x.shape[0]) for x in examples],
+            "max_abs_diff": worst,
+            "tolerance": LOGIT_TOLERANCE,
+        }
+    atomic_write_bytes(out, buffer.getvalue())
