@@ -93,3 +93,12 @@ def test_bad_model_files_are_one_line_input_errors(tmp_path) -> None:
     wrong.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
     with pytest.raises(InputError, match="weights do not match architecture 'tinyresnet'"):
         load_checkpoint(wrong)
+
+
+def test_checkpoint_file_is_readable_by_others(tmp_path) -> None:
+    path = save_checkpoint(
+        tmp_path / "best.safetensors",
+        build_model("tinycnn", 2),
+        {"arch": "tinycnn", "num_classes": 2, "classes": ["a", "b"]},
+    )
+    assert path.stat().st_mode & 0o044 == 0o044, "mkstemp's 0600 must not leak into written files"
