@@ -22,11 +22,9 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from isnet_cli.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint, resolve_model, versions
@@ -42,89 +40,6 @@ HEATMAP_TOLERANCE = 1e-3  # max |R_onnx - R_torch| / max |R_torch|
 
 class VerificationError(IsnetError):
     """The exported file does not reproduce the torch model within tolerance (exit 1)."""
-
-
-def _conv_transpose_onnx(g: torch.Tensor, conv: nn.Module, weight: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
-    """Wᵀg as a transposed convolution (ONNX ConvTranspose); equal to the engine's `aten.convolution_backward`.
-
-    output_padding restores the input size that a strided convolution rounded away.
-    """
-    from isnet_cli.lrp.rules import fold, unfold
-
-    nd = weight.dim() - 2
-    padding = [0] * nd if conv.padding == "valid" else list(conv.padding)
-    out_sizes = g.shape[3:]
-    output_padding = [
-        int(in_shape[2 + i])
-        - ((int(out_sizes[i]) - 1) * conv.stride[i] - 2 * padding[i] + conv.dilation[i] * (weight.shape[2 + i] - 1) + 1)
-        for i in range(nd)
-    ]
-    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
-    out = fn(fold(g), weight, None, conv.stride, padding, output_padding, conv.groups, conv.dilation)
-    return unfold(out, g.shape[0])
-
-
-def _pool_transpose_onnx(original: Any) -> Any:
-    """Average pools as transposed depthwise convolutions with uniform weights (ONNX-exportable).
-
-    Covers nn.AvgPool2d (count_include_pad, no ceil_mode/divisor) and adaptive pools whose output
-    divides the input; anything else keeps the engine's own kernel.
-    """
-    from isnet_cli.lrp.rules import fold, unfold
-
-    def pool_transpose(g, module, fn, args, kwargs, in_shape):
-        kernel = stride = padding = None
-        adaptive = isinstance(module, nn.AdaptiveAvgPool2d)
-        # a functional average (F.adaptive_avg_pool2d(x, 1), x.mean((2, 3), keepdim=True)) down to 1x1 is global
-        global_pool = (adaptive or module is None) and len(in_shape) == 4 and g.dim() == 5
-        if global_pool and tuple(g.shape[-2:]) == (1, 1):  # global average: spread evenly
-            return (g / (int(in_shape[-1]) * int(in_shape[-2]))).expand(g.shape[0], *in_shape)
-        if isinstance(module, nn.AvgPool2d) and module.count_include_pad and not module.ceil_mode:
-            if module.divisor_override is None:
-                kernel, stride, padding = (
-                    nn.modules.utils._pair(v) for v in (module.kernel_size, module.stride, module.padding)
-                )
-        elif adaptive and len(in_shape) == 4:
-            h, w = int(in_shape[-2]), int(in_shape[-1])
-            oh, ow = int(g.shape[-2]), int(g.shape[-1])
-            if h % oh == 0 and w % ow == 0:
-                kernel = stride = (h // oh, w // ow)
-                padding = (0, 0)
-        if kernel is None:
-            return original(g, module, fn, args, kwargs, in_shape)
-        c = int(in_shape[1])
-        weight = g.new_full((c, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
-        out_hw = g.shape[-2:]
-        output_padding = [
-            int(in_shape[2 + i]) - ((int(out_hw[i]) - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(2)
-        ]
-        out = F.conv_transpose2d(fold(g), weight, None, stride, padding, output_padding, c)
-        return unfold(out, g.shape[0])
-
-    return pool_transpose
-
-
-@contextlib.contextmanager
-def exportable_lrp() -> Any:
-    """While tracing, swap the engine's autograd backward kernels (`aten.convolution_backward`, pool
-    backwards) for the equivalent transposed convolutions, and its no-op `sum_to_size` for identity:
-    ONNX has ConvTranspose but no backward ops. The relevance is the same function;
-    `verify_heatmap` checks the exported graph against the unpatched torch engine."""
-    from isnet_cli.lrp import rules
-
-    original_sum_to_size = torch.Tensor.sum_to_size
-
-    def sum_to_size(self: torch.Tensor, *size: Any) -> torch.Tensor:
-        # the engine calls it on same-shaped tensors (a no-op); ONNX has no aten::sum_to_size
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
-        return self if tuple(self.shape) == shape else original_sum_to_size(self, shape)
-
-    with (
-        mock.patch.object(rules, "conv_transpose", _conv_transpose_onnx),
-        mock.patch.object(rules, "pool_transpose", _pool_transpose_onnx(rules.pool_transpose)),
-        mock.patch.object(torch.Tensor, "sum_to_size", sum_to_size),
-    ):
-        yield
 
 
 class HeatmapGraph(nn.Module):
@@ -351,8 +266,7 @@ def _export_heatmap(
     graph = HeatmapGraph(net, epsilon=eps, low=contract.low, high=contract.high).eval()
     target = out.with_name(f"{out.stem}.heatmap.onnx")
     try:
-        with exportable_lrp():
-            data = _onnx_bytes(graph, examples[0], [LOGITS_NAME, RELEVANCE_NAME], opset, dynamo)
+        data = _onnx_bytes(graph, examples[0], [LOGITS_NAME, RELEVANCE_NAME], opset, dynamo)
     except Exception as exc:
         raise export_error("the LRP heatmap graph", exc) from exc
     block: dict[str, Any] = {

@@ -233,7 +233,7 @@ class LRP:
             if isinstance(arg, fx.Node) and isinstance(env[arg], torch.Tensor):
                 xi = _hp(env[arg])
                 share = xi * s if sign > 0 else -xi * s
-                send(arg, r=share.sum_to_size((k, *xi.shape)))
+                send(arg, r=rules.sum_to(share, (k, *xi.shape)))
 
     def _rule_mul(self, step, r, g, env, indices, send, k, differentiating) -> None:
         """Multiplicative gating x ⊙ gate: all relevance goes to x, the gate is held constant.
@@ -257,14 +257,14 @@ class LRP:
                         "LRP supports multiplicative gating by a sigmoid-like or broadcast factor"
                     )
                 target = operands[0] if sizes[0] > sizes[1] else operands[1]
-        send(target, r=r.sum_to_size((k, *env[target].shape)))
+        send(target, r=rules.sum_to(r, (k, *env[target].shape)))
 
     def _rule_div(self, step, r, g, env, indices, send, k, differentiating) -> None:
         """Division by a constant or a gate: relevance passes to the numerator."""
         num = step.node.args[0]
         if isinstance(num, fx.Node):
             r = self._total(r, g, _hp(env[step.node]))
-            send(num, r=r.sum_to_size((k, *env[num].shape)))
+            send(num, r=rules.sum_to(r, (k, *env[num].shape)))
 
     def _plans_step(self, node: fx.Node) -> G.Step:
         return self._plan.by_node[node]
@@ -415,9 +415,9 @@ class LRP:
             msg = g if msg is None else msg + g
         node = step.node
         if step.module is not None:
-            fn, args, kwargs = step.module, (), {}
-        else:
-            fn = step.fn
+            op, args, kwargs = step.module, (), {}
+        else:  # the function, or the method name ("mean")
+            op = node.target
             args = fx.node.map_arg(node.args[1:], env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        send(src, r=a * rules.pool_transpose(msg, step.module, fn, args, kwargs, a.shape))
+        send(src, r=a * rules.pool_transpose(msg, op, args, kwargs, a.shape))
