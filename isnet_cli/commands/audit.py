@@ -9,12 +9,18 @@ from typing import Any
 
 import click
 
-MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run under runs/."
+from isnet_cli.commands.options import (
+    batch_size_option,
+    device_option,
+    label_column_option,
+    model_option,
+    no_progress_option,
+)
 
 
 @click.command("audit")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@model_option()
 @click.option(
     "--out",
     "-o",
@@ -24,7 +30,7 @@ MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run 
     help="Folder for audit.json and audit_worst.png (default: <run>/audit or ./audit).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("--label-column", default=None, help="Manifest column with the class names (default: label).")
+@label_column_option
 @click.option(
     "--worst",
     type=click.IntRange(min=0),
@@ -32,10 +38,10 @@ MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run 
     show_default=True,
     help="Images in the contact sheet of worst offenders.",
 )
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@batch_size_option
+@device_option
 @click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable image or mask.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_progress_option
 def command(
     data: str,
     model: str | None,

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from isnet_cli.commands.options import label_column_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
 from isnet_cli.io.check import check_dataset
 
@@ -75,15 +76,9 @@ def _print_report(report: dict[str, Any]) -> None:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--size", type=click.IntRange(min=8), default=None, help="Also check masks after resizing to N px.")
-@click.option("--label-column", default=None, help="Manifest column holding class names (default: label).")
-@click.option(
-    "--window",
-    type=click.Choice(["dicom-window", "minmax", "percentile"]),
-    default="dicom-window",
-    show_default=True,
-    help="DICOM grey-level policy used to decode.",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@label_column_option
+@window_option
+@no_progress_option
 def check(
     data: Path,
     as_json: bool,
@@ -136,7 +131,7 @@ def check(
 @click.option("--contrast", type=float, default=0.22, show_default=True, help="Lesion peak contrast (0-1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it already holds a manifest.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_progress_option
 def synth(
     out: Path,
     n: int,

@@ -9,7 +9,14 @@ from typing import Any
 
 import click
 
-MODEL_HELP = "Checkpoint, run folder or exported .onnx; default: the newest run under runs/."
+from isnet_cli.commands.options import (
+    batch_size_option,
+    device_option,
+    fail_fast_option,
+    label_column_option,
+    model_option,
+    no_progress_option,
+)
 
 
 def default_out_dir(model_path: Path) -> Path:
@@ -36,7 +43,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 
 @click.command("evaluate")
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@model_option()
 @click.option(
     "--out",
     "-o",
@@ -52,7 +59,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
     default=None,
     help="A second model: AUROC difference on the same data with a paired test.",
 )
-@click.option("--label-column", default=None, help="Manifest column with the class names (default: label).")
+@label_column_option
 @click.option(
     "--threshold",
     type=float,
@@ -65,10 +72,10 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
     show_default=True,
     help="Measure LRP relevance inside the masks (needs a checkpoint or a --with-heatmap export).",
 )
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable image.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@batch_size_option
+@device_option
+@fail_fast_option
+@no_progress_option
 def command(
     data: str,
     model: str | None,

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "Checkpoint or run folder (default: newest run under runs/)."
+from isnet_cli.commands.options import device_option, fail_fast_option, model_option, no_progress_option
 
 
 @click.command("explain")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@model_option(onnx=False)
 @click.option("--arch", default=None, help="Architecture of a plain state dict given with --weights (e.g. resnet18).")
 @click.option(
     "--weights", type=click.Path(dir_okay=False), default=None, help="Plain torch state dict (.pt) for --arch."
@@ -46,9 +46,9 @@ MODEL_HELP = "Checkpoint or run folder (default: newest run under runs/)."
     help="LRP rule for conv/linear layers (zB at the first layer in all cases).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@device_option
+@fail_fast_option
+@no_progress_option
 def command(
     inputs: tuple[str, ...],
     model: str | None,

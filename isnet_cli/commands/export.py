@@ -6,11 +6,11 @@ import json
 
 import click
 
-MODEL_HELP = "Checkpoint, run folder (its best checkpoint); default: the newest run under runs/."
+from isnet_cli.commands.options import model_option
 
 
 @click.command("export")
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@model_option(onnx=False)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Output file (.onnx / .pt).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (the dynamo exporter needs >= 18).")

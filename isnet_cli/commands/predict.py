@@ -8,12 +8,18 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar); default: newest run under runs/."
+from isnet_cli.commands.options import (
+    batch_size_option,
+    device_option,
+    fail_fast_option,
+    model_option,
+    no_progress_option,
+)
 
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@model_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
 @click.option(
     "--csv",
@@ -25,8 +31,8 @@ MODEL_HELP = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar
 )
 @click.option("--resume", is_flag=True, help="Skip inputs already in the --out file and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@batch_size_option
+@device_option
 @click.option(
     "--threshold",
     type=float,
@@ -34,8 +40,8 @@ MODEL_HELP = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar
     help="Two-class models: predict the second class when its probability >= this (default: argmax).",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Decoding threads (0 = up to 4).")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@fail_fast_option
+@no_progress_option
 def command(
     inputs: tuple[str, ...],
     model: str | None,

@@ -1,0 +1,36 @@
+"""Options shared by several commands, declared once so that their names, defaults and help agree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_option(onnx: bool = True):
+    """`--model`: a checkpoint, a run folder (its best checkpoint) or, where `onnx`, an exported .onnx."""
+    kinds = "Checkpoint or run folder"
+    if onnx:
+        kinds = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar)"
+    return click.option("--model", "-m", default=None, help=f"{kinds}; default: the newest run under runs/.")
+
+
+label_column_option = click.option(
+    "--label-column", default=None, help="Manifest column with the class names (default: label)."
+)
+window_option = click.option(
+    "--window",
+    type=click.Choice(["dicom-window", "minmax", "percentile"]),
+    default="dicom-window",
+    show_default=True,
+    help="DICOM grey-level policy: the file's VOI LUT/window, min-max, or percentiles of the pixel data.",
+)
+batch_size_option = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+fail_fast_option = click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
+no_progress_option = click.option(
+    "--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal)."
+)
