@@ -1,0 +1,191 @@
+"""`isnet train`: train an ISNet (or a baseline) and write the run folder runs/<name>/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from isnet_cli.errors import InputError
+
+_ARCHS = (
+    "densenet121 (default), resnet18/34/50, vgg11_bn, vgg16_bn, efficientnet_b0, mobilenet_v3, tinycnn, module:callable"
+)
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--config file.yaml: its keys become the defaults of the other options (the command line wins)."""
+    if not value:
+        return value
+    import yaml
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise InputError(path, "config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(path, "a training config must be a mapping of option: value")
+    names = {p.name for p in ctx.command.params}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(path, f"unknown option(s) {unknown}", "use the option names of `isnet train --help`")
+    if isinstance(data.get("classes"), list):
+        data["classes"] = ",".join(map(str, data["classes"]))
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+@click.command("train")
+@click.argument("data", required=False)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="YAML file with any of these options (keys as the option names); the command line wins.",
+)
+@click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
+@click.option(
+    "--val-fraction", type=float, default=0.2, show_default=True, help="Validation share when --val is not given."
+)
+@click.option("--ood", help="Extra test set (no masks needed) scored every epoch: CE and accuracy.")
+@click.option("--classes", help="Comma-separated class list and order (default: sorted labels of DATA).")
+@click.option("--arch", default="densenet121", show_default=True, help=f"Architecture: {_ARCHS}.")
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=False,
+    show_default=True,
+    help="Start from torchvision ImageNet weights (downloaded once; normalisation folded into layer 1).",
+)
+@click.option("--img-size", type=int, default=224, show_default=True, help="Input size (square, pixels).")
+@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default="letterbox", show_default=True)
+@click.option(
+    "--window",
+    type=click.Choice(["dicom-window", "minmax", "percentile"]),
+    default="dicom-window",
+    show_default=True,
+    help="DICOM grey-level policy.",
+)
+@click.option("--augment/--no-augment", default=False, show_default=True, help="Small affine + brightness jitter.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "sgd"]),
+    default="adamw",
+    show_default=True,
+    help="adamw (lr 1e-3) learns phantoms and X-rays reliably; sgd uses --momentum (try lr 1e-2).",
+)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--scheduler", type=click.Choice(["cosine", "none"]), default="cosine", show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping.")
+@click.option(
+    "--variant",
+    type=click.Choice(["selective", "stochastic", "original", "none"]),
+    default="selective",
+    show_default=True,
+    help="Explained quantity; 'none' = standard classifier baseline (P = 0).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["isnet", "rrr"]),
+    default="isnet",
+    show_default=True,
+    help="'rrr' = Right for the Right Reasons (input-gradient penalty on the background).",
+)
+@click.option("--P", "P", type=float, default=0.7, show_default=True, help="Loss = (1-P)·CE + P·heatmap loss.")
+@click.option(
+    "--ramp",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start.",
+)
+@click.option("--d", "d", type=float, default=0.9, show_default=True, help="Background GWRP decay (0 = max, 1 = mean).")
+@click.option("--E", "E", type=float, default=1.0, show_default=True, help="Background activation log(1 + g/E).")
+@click.option("--A", "A", type=float, default=1.0, show_default=True, help="Background term weight.")
+@click.option("--B", "B", type=float, default=1.0, show_default=True, help="Foreground band weight.")
+@click.option("--eps", type=float, default=0.01, show_default=True, help="LRP epsilon.")
+@click.option(
+    "--cut", default="auto", show_default=True, help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics)."
+)
+@click.option("--cut-epochs", type=int, default=5, show_default=True, help="Warm-up epochs for --cut auto.")
+@click.option("--rrr-lambda", type=float, default=10.0, show_default=True, help="RRR penalty weight.")
+@click.option(
+    "--select-by",
+    type=click.Choice(["loss", "accuracy", "auroc", "macro_f1"]),
+    default="loss",
+    show_default=True,
+    help="Validation score that picks best.safetensors (loss = ISNet loss).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--devices", type=int, default=1, show_default=True, help="Processes for DDP (one per GPU; gloo on CPU).")
+@click.option(
+    "--amp/--no-amp",
+    default=False,
+    show_default=True,
+    help="GPU autocast for the forward (relevance and loss stay fp32).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--deterministic/--no-deterministic",
+    default=False,
+    show_default=True,
+    help="Deterministic algorithms (slower on GPU); a resumed run then matches an uninterrupted one.",
+)
+@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@click.option("--cache", help="Folder for decoded images (default: OUT/.cache).")
+@click.option("--out", default="runs", show_default=True, help="Parent folder of the run folder.")
+@click.option("--name", help="Run folder name (default: run-NNN, the next free number).")
+@click.option(
+    "--precise-bn/--no-precise-bn",
+    default=True,
+    show_default=True,
+    help="Re-estimate batch-norm statistics on the training data after each epoch (reliable eval-mode outputs).",
+)
+@click.option("--heatmaps", type=int, default=4, show_default=True, help="Validation heatmaps drawn per epoch.")
+@click.option(
+    "--max-bad-steps",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Stop after this many non-finite losses in a row (each is skipped with a warning).",
+)
+@click.option("--resume", type=click.Path(exists=True), help="Continue a run folder (or its last checkpoint).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
+@click.pass_context
+def command(ctx: click.Context, data: str | None, resume: str | None, **options: Any) -> None:
+    """Train an ISNet classifier on DATA (manifest CSV or images/<class>/ + masks/<class>/ folders).
+
+    Writes runs/<name>/: best/last checkpoints, metrics.csv, curves.png, heatmaps/, config.yaml, card.md.
+    Ctrl-C saves 'last'; --resume continues exactly where it stopped.
+
+    \b
+    Example:
+      isnet train data/manifest.csv --arch tinyresnet --img-size 64 --epochs 30 --name demo
+    """
+    from isnet_cli.train import TrainConfig, train
+
+    classes = options.pop("classes")
+    options["classes"] = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if resume:
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+        result = train(TrainConfig(data=data or ""), resume=resume, resume_overrides=given)
+    else:
+        result = train(TrainConfig(data=data or "", **options))
+    best = result.best or result.last or {}
+    summary = ", ".join(
+        f"{k} {float(best[k]):.4f}"
+        for k in ("val_accuracy", "val_auroc", "val_share_inside")
+        if best.get(k) not in (None, "")
+    )
+    click.echo(f"run folder: {result.run_dir}" + (f"  (best: {summary})" if summary else ""))

@@ -1,0 +1,16 @@
+"""The ISNet objective: heatmap loss (background GWRP + foreground band), RRR baseline, C1/C2 tuning."""
+
+from isnet_cli.isnet.loss import HeatmapLoss, HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
+from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
+
+__all__ = [
+    "HeatmapLoss",
+    "HeatmapLossParams",
+    "Welford",
+    "cut_from_stats",
+    "gwrp",
+    "heatmap_loss",
+    "parse_cut",
+    "rrr_penalty",
+    "total_loss",
+]

@@ -1,0 +1,325 @@
+"""`isnet train`: the shortcut mission, the run folder, resume, Ctrl-C, DDP, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from isnet_cli.checkpoint import read_meta
+from isnet_cli.commands.train import command as train_command
+from isnet_cli.errors import InputError
+from isnet_cli.runs import METRIC_COLUMNS, read_metrics
+from isnet_cli.synth import synthesize
+from isnet_cli.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from tests.shortcut import score
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(arch="tinycnn", img_size=32, batch_size=8, epochs=2, no_progress=True, heatmaps=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 phantoms at 32 px (32 train / 8 validation)."""
+    return synthesize(tmp_path_factory.mktemp("tiny"), n=40, size=32, bias=1.0, seed=5)
+
+
+# ---------------------------------------------------------------------------------------------- mission
+
+
+@pytest.mark.slow
+def test_mission_isnet_ignores_the_background_shortcut_that_the_baseline_learns(shortcut_runs) -> None:
+    r = shortcut_runs
+    base = {name: score(r.baseline, getattr(r, name)) for name in ("test_biased", "test_clean", "test_flipped")}
+    isnet = {name: score(r.isnet, getattr(r, name)) for name in ("test_biased", "test_clean", "test_flipped")}
+    # the standard classifier learned the marker: perfect with it, wrong when it is flipped
+    assert base["test_biased"].accuracy >= 0.95
+    assert base["test_flipped"].accuracy <= 0.30
+    # the ISNet learned the lesion: the marker does not matter
+    assert isnet["test_flipped"].accuracy >= 0.80
+    assert abs(isnet["test_clean"].accuracy - isnet["test_flipped"].accuracy) <= 0.10
+    assert isnet["test_biased"].accuracy >= 0.80
+    # and its relevance is in the lungs, the baseline's is not
+    assert isnet["test_flipped"].share_inside >= 0.6
+    assert isnet["test_flipped"].share_inside >= base["test_flipped"].share_inside + 0.35
+
+
+@pytest.mark.slow
+def test_run_folder_has_everything_and_config_yaml_reproduces_the_options(shortcut_runs) -> None:
+    run = shortcut_runs.isnet
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "last.state.pt",
+        "metrics.csv",
+        "config.json",
+        "config.yaml",
+        "curves.png",
+        "card.md",
+    ):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run / "metrics.csv")
+    assert list(rows[0]) == list(METRIC_COLUMNS)
+    assert len(rows) == int(json.loads((run / "config.json").read_text())["epochs"])
+    assert (run / "heatmaps" / f"epoch_{len(rows)}.png").is_file()
+    meta = read_meta(run / "best.safetensors")
+    assert meta["classes"] == ["normal", "opacity"]
+    assert meta["contract"]["size"] == 64
+    isnet = meta["isnet"]
+    assert isnet["variant"] == "selective" and 0 < isnet["C1"] < isnet["C2"]
+    assert meta["data"]["train_counts"] == {"normal": 160, "opacity": 160}
+    assert len(meta["data"]["sha256"]) == 64
+    config = json.loads((run / "config.json").read_text())
+    assert (config["C1"], config["C2"]) == (isnet["C1"], isnet["C2"])
+    # parsing the written config.yaml gives back the options of the run
+    ctx = train_command.make_context("train", ["--config", str(run / "config.yaml")])
+    for key, value in ctx.params.items():
+        if key in config and key not in ("resume", "no_progress", "data", "out", "cache", "classes", "name"):
+            assert value == config[key], key
+    assert Path(ctx.params["data"]) == Path(config["data"]).resolve()
+    baseline_meta = read_meta(shortcut_runs.baseline / "best.safetensors")
+    assert baseline_meta["isnet"]["variant"] == "none" and baseline_meta["isnet"]["P"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last.safetensors"))
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
+    # stochastic: the explained logit is drawn from the global RNG, so the RNG state must be restored too
+    cfg = dict(
+        TINY,
+        data=str(tiny_data),
+        variant="stochastic",
+        cut_epochs=1,
+        deterministic=True,
+        out=str(tmp_path),
+        cache=str(tmp_path / "cache"),
+    )
+    straight = train(TrainConfig(name="straight", **cfg))
+
+    stops = iter([(0, 4), (1, 2)])  # after epoch 1 (4 steps of 8), then in the middle of epoch 2
+    nxt = next(stops)
+
+    def on_step(epoch: int, step: int) -> bool:
+        nonlocal nxt
+        if (epoch, step) == nxt:
+            nxt = next(stops, None)
+            return True
+        return False
+
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(TrainConfig(name="stopped", **cfg), on_step=on_step)
+    run = tmp_path / "stopped"
+    assert len(read_metrics(run / "metrics.csv")) == 1
+    with pytest.raises(TrainingInterrupted, match="epoch 2, step 2"):
+        train(TrainConfig(), resume=run, on_step=on_step)
+    state = torch.load(run / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    resumed = train(TrainConfig(), resume=run / "last.safetensors")
+    assert resumed.cut == straight.cut
+    a, b = _weights(straight.run_dir), _weights(run)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert len(read_metrics(run / "metrics.csv")) == 2
+
+
+def test_ctrl_c_saves_last_and_exits_130_then_resume_finishes(tiny_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "isnet_cli",
+        "train",
+        str(tiny_data),
+        "--arch",
+        "tinycnn",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "500",
+        "--cut",
+        "1,25",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--no-progress",
+        "--heatmaps",
+        "0",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(read_metrics(metrics)) >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "isnet train --resume" in err
+    state = torch.load(tmp_path / "run" / "last.state.pt", weights_only=True)
+    done = len(read_metrics(metrics))
+    assert state["epoch"] >= 1
+    # continue for one more epoch than were completed
+    result = CliRunner().invoke(
+        train_command, ["--resume", str(tmp_path / "run"), "--epochs", str(done + 1), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(read_metrics(metrics)) == done + 1
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, cfg: TrainConfig, port: int, out: str) -> None:
+    from isnet_cli.train import _train_process
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    result = _train_process(cfg, resuming=False)
+    torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+
+
+def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from isnet_cli.backbones import build_model
+    from isnet_cli.train import _free_port
+
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        **dict(TINY, epochs=1),
+        cut="1,25",
+        device="cpu",
+        out=str(tmp_path / "runs"),
+        name="ddp",
+        cache=str(tmp_path / "cache"),
+    )
+    mp.start_processes(_ddp_worker, args=(cfg, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
+    torch.manual_seed(0)
+    init = build_model("tinycnn", 2).state_dict()
+    assert not torch.equal(init["classifier.weight"], w0["classifier.weight"])  # it trained
+    # only rank 0 wrote the run folder, and the saved weights are the agreed ones
+    saved = load_file(str(tmp_path / "runs" / "ddp" / "last.safetensors"))
+    assert torch.equal(saved["classifier.weight"], w0["classifier.weight"])
+    assert json.loads((tmp_path / "runs" / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize(("variant", "method"), [("original", "isnet"), ("none", "rrr")])
+def test_other_variants_train_three_classes(tmp_path: Path, variant: str, method: str) -> None:
+    data = synthesize(tmp_path / "data", n=36, size=32, classes=("a", "b", "c"), seed=1)
+    result = train(
+        TrainConfig(
+            data=str(data),
+            **dict(TINY, epochs=1),
+            variant=variant,
+            method=method,
+            cut_epochs=1,
+            out=str(tmp_path),
+            name="run",
+        )
+    )
+    row = result.last
+    assert row is not None and np.isfinite(float(row["train_loss"]))
+    if method == "rrr":
+        assert float(row["train_background"]) > 0  # the RRR penalty is reported as the background part
+    meta = read_meta(result.run_dir / "last.safetensors")
+    assert meta["num_classes"] == 3 and meta["isnet"]["method"] == method
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _error(args: list[str]) -> InputError:
+    """Run `isnet train ARGS`; it must fail with an InputError (the CLI prints it on one line, exit 2)."""
+    result = CliRunner().invoke(train_command, args)
+    assert isinstance(result.exception, InputError), result.output
+    assert result.exception.exit_code == 2
+    return result.exception
+
+
+def test_empty_mask_is_a_clear_error_naming_the_file(tiny_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data.parent, data)
+    first_mask = next(iter(sorted((data / "masks").iterdir())))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(first_mask)
+    error = _error(
+        [
+            str(data / "manifest.csv"),
+            "--arch",
+            "tinycnn",
+            "--img-size",
+            "32",
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
+    assert first_mask.name in str(error) and "empty" in str(error)
+
+
+def test_labels_outside_the_class_list_are_rejected(tiny_data: Path, tmp_path: Path) -> None:
+    error = _error([str(tiny_data), "--classes", "normal,effusion", "--out", str(tmp_path)])
+    assert "label 'opacity'" in str(error) and "not in the class list" in str(error)
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_bad_options_and_config_keys_exit_2(tiny_data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: tinycnn\nlearning_rate: 0.1\n")
+    assert "learning_rate" in str(_error([str(tiny_data), "--config", str(bad)]))
+    assert "--P" in str(_error([str(tiny_data), "--P", "1.5"]))
+    assert "C1 < C2" in str(_error([str(tiny_data), "--cut", "5,1"]))
+    assert "no training data" in str(_error(["--arch", "tinycnn"]))
+
+
+def test_non_finite_losses_are_skipped_then_stop_training(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import isnet_cli.train as T
+
+    real = T.heatmap_loss
+    calls = {"n": 0, "poison": {2, 3}}
+
+    def poisoned(relevance, mask, params):
+        out = real(relevance, mask, params)
+        calls["n"] += 1
+        if relevance.requires_grad and calls["n"] in calls["poison"]:
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "heatmap_loss", poisoned)
+    cfg = dict(TINY, data=str(tiny_data), epochs=1, cut="1,25", out=str(tmp_path))
+    result = train(TrainConfig(name="skips", **cfg))
+    assert result.skipped_steps == 2
+    assert read_metrics(result.run_dir / "metrics.csv")[0]["skipped_steps"] == "2"
+    assert np.isfinite(float(result.last["train_loss"]))
+
+    calls["n"], calls["poison"] = 0, set(range(1000))
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses/gradients in a row"):
+        train(TrainConfig(name="diverged", max_bad_steps=3, **cfg))
