@@ -98,11 +98,15 @@ _OWN: dict[str, type[nn.Module]] = {"tinycnn": TinyCNN, "tinyresnet": TinyResNet
 ARCHITECTURES: tuple[str, ...] = tuple(_OWN) + tuple(_TORCHVISION)
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 1, pretrained: bool = False) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, in_channels: int = 1, pretrained: bool = False, pretrained_layout: bool = False
+) -> nn.Module:
     """Build `arch` for `num_classes` outputs on `in_channels`-channel inputs in [0, 1], LRP-ready.
 
     `arch` is a name from `ARCHITECTURES` or `package.module:factory`, a user's function called as
-    `factory(num_classes=..., in_channels=...)` that returns an nn.Module.
+    `factory(num_classes=..., in_channels=...)` that returns an nn.Module. `pretrained_layout` builds
+    the layer layout of a `pretrained` model (first conv with the folded-normalisation bias) without
+    downloading anything: what loading a checkpoint of a pretrained run needs.
     """
     if ":" in arch:
         model = _user_model(arch, num_classes, in_channels)
@@ -111,7 +115,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, pretrained: b
             raise InputError(None, f"--pretrained: no ImageNet weights exist for '{arch}'", "drop --pretrained")
         model = _OWN[arch](num_classes=num_classes, in_channels=in_channels)
     elif arch in _TORCHVISION:
-        model = _torchvision_model(arch, num_classes, in_channels, pretrained)
+        model = _torchvision_model(arch, num_classes, in_channels, pretrained, pretrained_layout)
     else:
         raise InputError(
             None, f"unknown architecture '{arch}'", f"use one of {', '.join(ARCHITECTURES)} or module:callable"
@@ -141,11 +145,13 @@ def _user_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-def _torchvision_model(arch: str, num_classes: int, in_channels: int, pretrained: bool) -> nn.Module:
+def _torchvision_model(
+    arch: str, num_classes: int, in_channels: int, pretrained: bool, pretrained_layout: bool
+) -> nn.Module:
     constructor, weights = _TORCHVISION[arch]
     if not pretrained:
         model = constructor(num_classes=num_classes)
-        _replace_first_conv(model, in_channels, fold_imagenet=False)
+        _replace_first_conv(model, in_channels, fold_imagenet=False, bias=pretrained_layout)
         return model
     try:
         model = constructor(weights=weights)
@@ -168,7 +174,7 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     raise ModelError("model has no Conv2d layer to adapt to the input channels")
 
 
-def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool) -> None:
+def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool, bias: bool = False) -> None:
     """Give the first conv `in_channels` inputs; with ImageNet weights, fold the normalisation into it.
 
     A grey image x repeated to RGB and normalised, (x - m_c) / s_c, gives
@@ -177,7 +183,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool)
     (At zero-padded borders the folded conv sees 0 instead of the normalised mean: a one-pixel rim differs.)
     """
     parent, child, conv = _first_conv(model)
-    if conv.in_channels == in_channels and not fold_imagenet:
+    bias = bias or fold_imagenet or conv.bias is not None
+    if conv.in_channels == in_channels and bias == (conv.bias is not None) and not fold_imagenet:
         return
     new = nn.Conv2d(
         in_channels,
@@ -187,7 +194,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool)
         padding=conv.padding,
         dilation=conv.dilation,
         groups=1,
-        bias=fold_imagenet or conv.bias is not None,
+        bias=bias,
     )
     if fold_imagenet:
         with torch.no_grad():
@@ -195,8 +202,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool)
             mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             scaled = conv.weight / std
             new.weight.copy_(scaled.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
-            bias = conv.bias.clone() if conv.bias is not None else torch.zeros(conv.out_channels)
-            new.bias.copy_(bias - (scaled * mean).sum((1, 2, 3)))
+            old_bias = conv.bias.clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+            new.bias.copy_(old_bias - (scaled * mean).sum((1, 2, 3)))
     setattr(parent, child, new)
 
 

@@ -115,7 +115,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     from isnet_cli.backbones import build_model
 
     meta = read_meta(path)
-    model = build_model(meta["arch"], meta["num_classes"], in_channels=meta.get("in_channels", 1))
+    model = build_model(
+        meta["arch"],
+        meta["num_classes"],
+        in_channels=meta.get("in_channels", 1),
+        pretrained_layout=bool(meta.get("pretrained", False)),
+    )
     try:
         model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except RuntimeError as exc:

@@ -102,3 +102,13 @@ def test_checkpoint_file_is_readable_by_others(tmp_path) -> None:
         {"arch": "tinycnn", "num_classes": 2, "classes": ["a", "b"]},
     )
     assert path.stat().st_mode & 0o044 == 0o044, "mkstemp's 0600 must not leak into written files"
+
+
+def test_checkpoint_of_a_pretrained_run_reloads_without_download(tmp_path) -> None:
+    # a pretrained run's first conv carries the folded ImageNet bias; a plain build has none
+    model = build_model("resnet18", 2, pretrained_layout=True).eval()
+    assert model.conv1.bias is not None and build_model("resnet18", 2).conv1.bias is None
+    meta = {"arch": "resnet18", "num_classes": 2, "classes": ["a", "b"], "pretrained": True}
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "best.safetensors", model, meta))
+    x = torch.rand(1, 1, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
