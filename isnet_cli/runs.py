@@ -87,59 +87,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Fraction of argmax predictions equal to the label."""
-    return float((probs.argmax(1) == labels).mean()) if len(labels) else float("nan")
-
-
-def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean over classes of F1 = 2·TP / (2·TP + FP + FN) of the argmax predictions (0 for an absent class)."""
-    pred = probs.argmax(1)
-    scores = []
-    for k in range(probs.shape[1]):
-        tp = np.sum((pred == k) & (labels == k))
-        fp = np.sum((pred == k) & (labels != k))
-        fn = np.sum((pred != k) & (labels == k))
-        scores.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0)
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties count one half); multi-class: macro mean of one-vs-rest AUCs.
-
-    Classes without both positives and negatives in `labels` are left out; NaN if none remains.
-    """
-    k = probs.shape[1]
-    classes = [1] if k == 2 else range(k)
-    aucs = []
-    for c in classes:
-        pos = probs[labels == c, c]
-        neg = probs[labels != c, c]
-        if len(pos) == 0 or len(neg) == 0:
-            continue
-        ranks = _average_ranks(np.concatenate([pos, neg]))
-        aucs.append((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
 # ---------------------------------------------------------------------------------------------- figures
 
 

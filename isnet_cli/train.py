@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Sampler
 from isnet_cli import runs
 from isnet_cli.checkpoint import file_sha256, save_checkpoint
 from isnet_cli.errors import InputError, IsnetError
+from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
 from isnet_cli.io.contract import InputContract
 from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss, rrr_penalty, total_loss
 from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
@@ -481,6 +482,15 @@ def _make_lrp(model: nn.Module, cfg: TrainConfig) -> Any:
     return LRP(model, epsilon=cfg.eps, low=0.0, high=1.0)
 
 
+def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and AUROC of argmax predictions: the `isnet evaluate` metrics, per epoch."""
+    if not len(labels):
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "auroc": float("nan")}
+    accuracy, _, macro_f1 = summary_scores(confusion_matrix(labels, probs.argmax(1), probs.shape[1]))
+    auroc = macro_auroc(labels, probs)
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "auroc": float("nan") if auroc is None else auroc}
+
+
 def relevance_stats(lrp: Any, x: torch.Tensor, mask: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(share of |R| inside the mask, logits) for the explained `target`, without gradients."""
     with torch.no_grad():
@@ -838,9 +848,7 @@ class Trainer:
             "ce": means["ce"],
             "background": means["background"],
             "foreground": means["foreground"],
-            "accuracy": runs.accuracy(lab, p),
-            "macro_f1": runs.macro_f1(lab, p),
-            "auroc": runs.auroc(lab, p),
+            **classification_scores(lab, p),
         }
         if len(sh):
             result["share_inside"] = float(np.mean(sh))

@@ -66,6 +66,8 @@ def test_audit_tells_shortcut_from_isnet(shortcut_runs, tmp_path):
     assert share["isnet"] - share["baseline"] >= 0.3 and share["baseline"] < 0.5, share
     assert base["verdict"].startswith("uses the background")
     assert not isn["verdict"].startswith("uses the background"), isn["verdict"]
-    # removing the background costs the shortcut model its accuracy, not the ISNet
-    drop = {k: v["accuracy"]["original"] - v["accuracy"]["background_removed"] for k, v in results.items()}
-    assert drop["baseline"] > drop["isnet"] + 0.1, drop
+    # hiding the lungs costs the ISNet its accuracy, not the shortcut model (which never needed them).
+    # (Mean-filling or blurring the whole background is out of distribution for both: on these
+    # phantoms both fall to chance there, so those flip rates do not separate the two models.)
+    drop = {k: v["accuracy"]["original"] - v["accuracy"]["lungs_hidden"] for k, v in results.items()}
+    assert drop["isnet"] >= drop["baseline"] + 0.3, drop
