@@ -286,6 +286,13 @@ class LRP:
             return z + self.epsilon
         return rules.stabilise(z, self.epsilon)
 
+    def _message(self, step, r, g, z, env, differentiating) -> torch.Tensor:
+        """What a linear map sends back through its transpose: G + R / stab(z) (either part may be absent)."""
+        msg = None if r is None else r / self._denominator(step, z, env, differentiating)
+        if g is not None:
+            msg = g if msg is None else msg + g
+        return msg
+
     # -- linear maps -------------------------------------------------------
     def _fused_z(self, step, env, differentiating):
         """(z, scale, shift) at the output of a conv/linear step and its fused BN (if any).
@@ -369,9 +376,7 @@ class LRP:
                 return
             msg = rules.channel_view(scale, z.dim()) * msg
         else:
-            msg = None if r is None else r / self._denominator(step, z, env, differentiating)
-            if g is not None:
-                msg = g if msg is None else msg + g
+            msg = self._message(step, r, g, z, env, differentiating)
         send(src, r=a * transpose(msg, weight))
 
     _rule_linear = _rule_conv
@@ -399,9 +404,7 @@ class LRP:
         src = step.tensor_inputs[0]
         a = _hp(env[src])
         y = _hp(env[step.node])
-        msg = None if r is None else r / self._denominator(step, y, env, differentiating)
-        if g is not None:
-            msg = g if msg is None else msg + g
+        msg = self._message(step, r, g, y, env, differentiating)
         send(src, r=a * rules.maxpool_transpose(msg, indices[step.node], a.shape))
 
     def _rule_avgpool(self, step, r, g, env, indices, send, k, differentiating) -> None:
@@ -410,9 +413,7 @@ class LRP:
         src = step.tensor_inputs[0]
         a = _hp(env[src])
         y = _hp(env[step.node])
-        msg = None if r is None else r / self._denominator(step, y, env, differentiating)
-        if g is not None:
-            msg = g if msg is None else msg + g
+        msg = self._message(step, r, g, y, env, differentiating)
         node = step.node
         if step.module is not None:
             op, args, kwargs = step.module, (), {}
