@@ -194,7 +194,8 @@ def _print_report(report: dict[str, Any]) -> None:
     out.print(conf)
     if "compare" in report:
         c = report["compare"]
+        p_value = "n/a" if c["p_value"] is None else f"{c['p_value']:.2g}"
         out.print(
-            f"AUROC difference (this - {c['model_b']['model_id']}): {_fmt(c['difference'], c['ci95'])}, "
-            f"p = {_fmt(c['p_value'])} ({c['test']}, n = {c['n']})"
+            f"AUROC {_fmt(c['auroc_a'])} vs {_fmt(c['auroc_b'])} ({c['model_b']['model_id']}): "
+            f"difference {_fmt(c['difference'], c['ci95'])}, p = {p_value} ({c['test']}, n = {c['n']})"
         )
