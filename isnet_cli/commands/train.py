@@ -8,6 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from isnet_cli.commands.options import device_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
 
 _ARCHS = (
@@ -66,13 +67,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 )
 @click.option("--img-size", type=int, default=224, show_default=True, help="Input size (square, pixels).")
 @click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default="letterbox", show_default=True)
-@click.option(
-    "--window",
-    type=click.Choice(["dicom-window", "minmax", "percentile"]),
-    default="dicom-window",
-    show_default=True,
-    help="DICOM grey-level policy.",
-)
+@window_option
 @click.option("--augment/--no-augment", default=False, show_default=True, help="Small affine + brightness jitter.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
@@ -127,7 +122,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     show_default=True,
     help="Validation score that picks best.safetensors (loss = ISNet loss).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--devices", type=int, default=1, show_default=True, help="Processes for DDP (one per GPU; gloo on CPU).")
 @click.option(
     "--amp/--no-amp",
@@ -161,7 +156,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="Stop after this many non-finite losses in a row (each is skipped with a warning).",
 )
 @click.option("--resume", type=click.Path(exists=True), help="Continue a run folder (or its last checkpoint).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
+@no_progress_option
 @click.pass_context
 def command(ctx: click.Context, data: str | None, resume: str | None, **options: Any) -> None:
     """Train an ISNet classifier on DATA (manifest CSV or images/<class>/ + masks/<class>/ folders).
