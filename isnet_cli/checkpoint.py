@@ -7,7 +7,6 @@ ONNX path stay light.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -126,14 +125,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     except RuntimeError as exc:
         raise InputError(path, f"weights do not match architecture '{meta['arch']}' ({exc})") from exc
     return model.to(device).eval(), meta
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_model(arg: str | Path | None, runs_dir: str | Path = "runs") -> Path:

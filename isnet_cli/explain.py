@@ -169,11 +169,10 @@ def load_explainer(
     """An `Explainer` for a checkpoint (`model`: file, run folder or None = newest run), or for a
     plain state dict (`arch` + `weights`, loaded with ``torch.load(weights_only=True)``; class names
     are the indices, the contract is the default 224 px letterbox)."""
-    import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from isnet_cli.device import resolve_device
+
+    dev = resolve_device(device)
     if arch is not None or weights is not None:
         if arch is None or weights is None:
             raise InputError(None, "--arch and --weights go together", "pass both, or --model for a checkpoint")

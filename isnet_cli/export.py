@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from isnet_cli.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint, resolve_model, versions
+from isnet_cli.checkpoint import atomic_write_bytes, load_checkpoint, resolve_model, versions
 from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 from isnet_cli.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
 
@@ -196,7 +197,7 @@ def export_model(
         "input": {"name": INPUT_NAME, "shape": ["batch", contract.channels, contract.size, contract.size]},
         "outputs": [LOGITS_NAME],
         "dynamic_batch": True,
-        "source": {"file": source.name, "sha256": file_sha256(source)},
+        "source": {"file": source.name, "sha256": file_digest(source)},
         "versions": {**versions(), **_export_versions()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "heatmap": None,

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from isnet_cli.checkpoint import file_sha256
 from isnet_cli.errors import ModelError
+from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 
 META_KEY = "isnet.meta"
@@ -35,7 +35,7 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 
 def model_id(path: str | Path) -> str:
     """Short model id: the first 12 hex digits of the model file's sha256."""
-    return file_sha256(path)[:12]
+    return file_digest(path)[:12]
 
 
 def ort_providers(device: str = "auto") -> list[str]:

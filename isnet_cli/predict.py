@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.errors import InputError, IsnetError
 from isnet_cli.io.contract import InputContract
 from isnet_cli.onnx_runtime import OnnxModel, model_id, softmax
 
@@ -67,15 +67,12 @@ class TorchModel:
         import torch
 
         from isnet_cli.checkpoint import load_checkpoint
+        from isnet_cli.device import resolve_device
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu or auto")
         self.torch = torch
         self.path = path
-        self.device = torch.device(device)
-        self.model, self.meta = load_checkpoint(path, device=device)
+        self.device = resolve_device(device)
+        self.model, self.meta = load_checkpoint(path, device=str(self.device))
         self.classes = list(self.meta["classes"])
         self.contract = InputContract.from_dict(self.meta["contract"])
         self.model_id = model_id(path)

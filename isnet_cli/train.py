@@ -42,9 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from isnet_cli import runs
-from isnet_cli.checkpoint import file_sha256, save_checkpoint
+from isnet_cli.checkpoint import save_checkpoint
+from isnet_cli.device import resolve_device
 from isnet_cli.errors import InputError, IsnetError
 from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
+from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss, rrr_penalty, total_loss
 from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
@@ -212,7 +214,7 @@ class DataBundle:
 def _content_hash(path: Path) -> str:
     """sha256 of a manifest file, or of the sorted (relative path, size) listing of a folder tree."""
     if path.is_file():
-        return file_sha256(path)
+        return file_digest(path)
     digest = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         digest.update(f"{p.relative_to(path)}\t{p.stat().st_size}\n".encode())
@@ -359,24 +361,6 @@ class Dist:
         if world <= 1:
             return cls()
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
-
-
-def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
-    """auto -> cuda (this rank's GPU) if available, else cpu; cuda:N and cpu as given (checked)."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(None, f"--device {spec}: no CUDA GPU is available", "use --device cpu or auto")
-        if spec == "cuda":
-            spec = f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(None, f"--device {spec}: only {torch.cuda.device_count()} GPU(s)", "pick another index")
-        return device
-    if spec != "cpu":
-        raise InputError(None, f"--device {spec}: unknown device", "use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:

@@ -20,7 +20,8 @@ SECTIONS = (
 
 def model_card(path: Path) -> dict[str, Any]:
     """Metadata of a checkpoint (safetensors header) or an export (sidecar), plus file name, size and sha256."""
-    from isnet_cli.checkpoint import file_sha256, read_meta
+    from isnet_cli.checkpoint import read_meta
+    from isnet_cli.io.cache import file_digest
 
     if path.suffix.lower() == ".onnx":
         from isnet_cli.onnx_runtime import read_onnx_meta
@@ -28,7 +29,7 @@ def model_card(path: Path) -> dict[str, Any]:
         meta = read_onnx_meta(path)
     else:
         meta = read_meta(path)
-    return {"file": str(path), "sha256": file_sha256(path), "size_bytes": path.stat().st_size, **meta}
+    return {"file": str(path), "sha256": file_digest(path), "size_bytes": path.stat().st_size, **meta}
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -1,0 +1,25 @@
+"""Where torch runs: `--device auto|cpu|cuda|cuda:N`, resolved and checked in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from isnet_cli.errors import InputError
+
+
+def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """auto -> cuda (this rank's GPU) if available, else cpu; cuda:N and cpu as given (checked)."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(None, f"--device {spec}: no CUDA GPU is available", "use --device cpu or auto")
+        if spec == "cuda":
+            spec = f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(None, f"--device {spec}: only {torch.cuda.device_count()} GPU(s)", "pick another index")
+        return device
+    if spec != "cpu":
+        raise InputError(None, f"--device {spec}: unknown device", "use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
