@@ -10,7 +10,9 @@ from click.core import ParameterSource
 
 from isnet_cli.commands.options import device_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
+from isnet_cli.train_config import METHODS, OPTIMIZERS, SCHEDULERS, SELECT_BY, VARIANTS, TrainConfig
 
+_DEFAULTS = TrainConfig()
 _ARCHS = (
     "densenet121 (default), resnet18/34/50, vgg11_bn, vgg16_bn, efficientnet_b0, mobilenet_v3, tinycnn, module:callable"
 )
@@ -54,104 +56,129 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 )
 @click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
 @click.option(
-    "--val-fraction", type=float, default=0.2, show_default=True, help="Validation share when --val is not given."
+    "--val-fraction",
+    type=float,
+    default=_DEFAULTS.val_fraction,
+    show_default=True,
+    help="Validation share when --val is not given.",
 )
 @click.option("--ood", help="Extra test set (no masks needed) scored every epoch: CE and accuracy.")
 @click.option("--classes", help="Comma-separated class list and order (default: sorted labels of DATA).")
-@click.option("--arch", default="densenet121", show_default=True, help=f"Architecture: {_ARCHS}.")
+@click.option("--arch", default=_DEFAULTS.arch, show_default=True, help=f"Architecture: {_ARCHS}.")
 @click.option(
     "--pretrained/--no-pretrained",
-    default=False,
+    default=_DEFAULTS.pretrained,
     show_default=True,
     help="Start from torchvision ImageNet weights (downloaded once; normalisation folded into layer 1).",
 )
-@click.option("--img-size", type=int, default=224, show_default=True, help="Input size (square, pixels).")
-@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default="letterbox", show_default=True)
+@click.option(
+    "--img-size", type=int, default=_DEFAULTS.img_size, show_default=True, help="Input size (square, pixels)."
+)
+@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default=_DEFAULTS.resize, show_default=True)
 @window_option
-@click.option("--augment/--no-augment", default=False, show_default=True, help="Small affine + brightness jitter.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--augment/--no-augment", default=_DEFAULTS.augment, show_default=True, help="Small affine + brightness jitter."
+)
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
 @click.option(
     "--optimizer",
-    type=click.Choice(["adamw", "sgd"]),
-    default="adamw",
+    type=click.Choice(OPTIMIZERS),
+    default=_DEFAULTS.optimizer,
     show_default=True,
     help="adamw (lr 1e-3) learns phantoms and X-rays reliably; sgd uses --momentum (try lr 1e-2).",
 )
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--scheduler", type=click.Choice(["cosine", "none"]), default="cosine", show_default=True)
-@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping.")
+@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=_DEFAULTS.scheduler, show_default=True)
+@click.option("--clip", type=float, default=_DEFAULTS.clip, show_default=True, help="Gradient-norm clipping.")
 @click.option(
     "--variant",
-    type=click.Choice(["selective", "stochastic", "original", "none"]),
-    default="selective",
+    type=click.Choice(VARIANTS),
+    default=_DEFAULTS.variant,
     show_default=True,
     help="Explained quantity; 'none' = standard classifier baseline (P = 0).",
 )
 @click.option(
     "--method",
-    type=click.Choice(["isnet", "rrr"]),
-    default="isnet",
+    type=click.Choice(METHODS),
+    default=_DEFAULTS.method,
     show_default=True,
     help="'rrr' = Right for the Right Reasons (input-gradient penalty on the background).",
 )
-@click.option("--P", "P", type=float, default=0.7, show_default=True, help="Loss = (1-P)·CE + P·heatmap loss.")
+@click.option("--P", "P", type=float, default=_DEFAULTS.P, show_default=True, help="Loss = (1-P)·CE + P·heatmap loss.")
 @click.option(
     "--ramp",
     type=int,
-    default=0,
+    default=_DEFAULTS.ramp,
     show_default=True,
     help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start.",
 )
-@click.option("--d", "d", type=float, default=0.9, show_default=True, help="Background GWRP decay (0 = max, 1 = mean).")
-@click.option("--E", "E", type=float, default=1.0, show_default=True, help="Background activation log(1 + g/E).")
-@click.option("--A", "A", type=float, default=1.0, show_default=True, help="Background term weight.")
-@click.option("--B", "B", type=float, default=1.0, show_default=True, help="Foreground band weight.")
-@click.option("--eps", type=float, default=0.01, show_default=True, help="LRP epsilon.")
 @click.option(
-    "--cut", default="auto", show_default=True, help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics)."
+    "--d", "d", type=float, default=_DEFAULTS.d, show_default=True, help="Background GWRP decay (0 = max, 1 = mean)."
 )
-@click.option("--cut-epochs", type=int, default=5, show_default=True, help="Warm-up epochs for --cut auto.")
-@click.option("--rrr-lambda", type=float, default=10.0, show_default=True, help="RRR penalty weight.")
+@click.option(
+    "--E", "E", type=float, default=_DEFAULTS.E, show_default=True, help="Background activation log(1 + g/E)."
+)
+@click.option("--A", "A", type=float, default=_DEFAULTS.A, show_default=True, help="Background term weight.")
+@click.option("--B", "B", type=float, default=_DEFAULTS.B, show_default=True, help="Foreground band weight.")
+@click.option("--eps", type=float, default=_DEFAULTS.eps, show_default=True, help="LRP epsilon.")
+@click.option(
+    "--cut",
+    default=_DEFAULTS.cut,
+    show_default=True,
+    help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics).",
+)
+@click.option(
+    "--cut-epochs", type=int, default=_DEFAULTS.cut_epochs, show_default=True, help="Warm-up epochs for --cut auto."
+)
+@click.option("--rrr-lambda", type=float, default=_DEFAULTS.rrr_lambda, show_default=True, help="RRR penalty weight.")
 @click.option(
     "--select-by",
-    type=click.Choice(["loss", "accuracy", "auroc", "macro_f1"]),
-    default="loss",
+    type=click.Choice(SELECT_BY),
+    default=_DEFAULTS.select_by,
     show_default=True,
     help="Validation score that picks best.safetensors (loss = ISNet loss).",
 )
 @device_option
-@click.option("--devices", type=int, default=1, show_default=True, help="Processes for DDP (one per GPU; gloo on CPU).")
+@click.option(
+    "--devices",
+    type=int,
+    default=_DEFAULTS.devices,
+    show_default=True,
+    help="Processes for DDP (one per GPU; gloo on CPU).",
+)
 @click.option(
     "--amp/--no-amp",
-    default=False,
+    default=_DEFAULTS.amp,
     show_default=True,
     help="GPU autocast for the forward (relevance and loss stay fp32).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option(
     "--deterministic/--no-deterministic",
-    default=False,
+    default=_DEFAULTS.deterministic,
     show_default=True,
     help="Deterministic algorithms (slower on GPU); a resumed run then matches an uninterrupted one.",
 )
-@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Data-loading processes.")
 @click.option("--cache", help="Folder for decoded images (default: OUT/.cache).")
-@click.option("--out", default="runs", show_default=True, help="Parent folder of the run folder.")
+@click.option("--out", default=_DEFAULTS.out, show_default=True, help="Parent folder of the run folder.")
 @click.option("--name", help="Run folder name (default: run-NNN, the next free number).")
 @click.option(
     "--precise-bn/--no-precise-bn",
-    default=True,
+    default=_DEFAULTS.precise_bn,
     show_default=True,
     help="Re-estimate batch-norm statistics on the training data after each epoch (reliable eval-mode outputs).",
 )
-@click.option("--heatmaps", type=int, default=4, show_default=True, help="Validation heatmaps drawn per epoch.")
+@click.option(
+    "--heatmaps", type=int, default=_DEFAULTS.heatmaps, show_default=True, help="Validation heatmaps drawn per epoch."
+)
 @click.option(
     "--max-bad-steps",
     type=int,
-    default=10,
+    default=_DEFAULTS.max_bad_steps,
     show_default=True,
     help="Stop after this many non-finite losses in a row (each is skipped with a warning).",
 )

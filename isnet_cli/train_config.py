@@ -1,0 +1,138 @@
+"""Every option of `isnet train`, with its default and its check, in one torch-free place.
+
+The Click layer takes its defaults and choices from here, and `--config` files and the recorded
+`config.yaml` use the same field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isnet_cli.errors import InputError
+
+VARIANTS = ("selective", "stochastic", "original", "none")
+METHODS = ("isnet", "rrr")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "none")
+SELECT_BY = ("loss", "accuracy", "auroc", "macro_f1")
+# variant -> the LRP target explained during training ("original": one map per class).
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `isnet train` (field names = option names with `_`; also the YAML keys)."""
+
+    data: str = ""
+    val: str | None = None
+    val_fraction: float = 0.2
+    ood: str | None = None
+    classes: list[str] | None = None
+    arch: str = "densenet121"
+    pretrained: bool = False
+    img_size: int = 224
+    resize: str = "letterbox"
+    window: str = "dicom-window"
+    augment: bool = False
+    batch_size: int = 16
+    epochs: int = 30
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    clip: float = 1.0
+    variant: str = "selective"
+    method: str = "isnet"
+    P: float = 0.7
+    ramp: int = 0
+    d: float = 0.9
+    E: float = 1.0
+    A: float = 1.0
+    B: float = 1.0
+    eps: float = 0.01
+    cut: str = "auto"
+    cut_epochs: int = 5
+    rrr_lambda: float = 10.0
+    select_by: str = "loss"
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    workers: int = 0
+    cache: str | None = None
+    out: str = "runs"
+    name: str | None = None
+    heatmaps: int = 4
+    precise_bn: bool = True
+    max_bad_steps: int = 10
+    devices: int = 1
+    no_progress: bool = False
+
+    # Fields that only say how/where to run, not what is trained: `--resume` may change them.
+    RUNTIME = ("device", "devices", "workers", "no_progress", "epochs", "cache")
+
+    def validate(self) -> None:
+        """Check choices and ranges; raise InputError naming the option."""
+        checks = [
+            ("variant", self.variant in VARIANTS, f"one of {', '.join(VARIANTS)}"),
+            ("method", self.method in METHODS, f"one of {', '.join(METHODS)}"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
+            ("select-by", self.select_by in SELECT_BY, f"one of {', '.join(SELECT_BY)}"),
+            ("P", 0.0 <= self.P < 1.0, "a number in [0, 1)"),
+            ("d", 0.0 <= self.d <= 1.0, "a number in [0, 1]"),
+            ("E", self.E > 0, "a positive number"),
+            ("eps", self.eps >= 0, "a non-negative number"),
+            ("img-size", self.img_size >= 8, "at least 8"),
+            ("batch-size", self.batch_size >= 2, "at least 2 (batch norm needs two samples)"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("cut-epochs", self.cut_epochs >= 1, "at least 1"),
+            ("ramp", self.ramp >= 0, "0 or more epochs"),
+            ("devices", self.devices >= 1, "at least 1"),
+            ("val-fraction", 0.0 < self.val_fraction < 1.0, "a number in (0, 1)"),
+            ("max-bad-steps", self.max_bad_steps >= 1, "at least 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise InputError(None, f"--{name}: invalid value {getattr(self, name.replace('-', '_'))!r}", expected)
+        from isnet_cli.isnet.tuning import parse_cut  # the isnet package imports torch
+
+        try:
+            parse_cut(self.cut)
+        except ValueError as exc:
+            raise InputError(None, str(exc), "e.g. --cut auto or --cut 1,25") from exc
+        if not self.data:
+            raise InputError(
+                None, "no training data given", "pass DATA (a manifest CSV or folder) or data: in --config"
+            )
+
+    @property
+    def uses_lrp_loss(self) -> bool:
+        return self.method == "isnet" and self.variant != "none"
+
+    @property
+    def needs_masks(self) -> bool:
+        return self.uses_lrp_loss or self.method == "rrr"
+
+    def recipe(self) -> dict[str, Any]:
+        """The YAML recipe: every training option, data paths absolute; `name` and `no_progress` left out
+        (a re-run gets a new folder)."""
+        d = dataclasses.asdict(self)
+        for key in ("name", "no_progress"):
+            d.pop(key)
+        for key in ("data", "val", "ood", "out", "cache"):
+            if d[key]:
+                d[key] = str(Path(d[key]).resolve())
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(None, f"unknown training option(s) {unknown}", f"known: {', '.join(sorted(known))}")
+        return cls(**data)
