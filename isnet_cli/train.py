@@ -838,11 +838,18 @@ def _train_process(cfg: TrainConfig, resuming: bool, on_step: StepCallback | Non
         started_pg = True
     stop = _Stop()
     stop.install()
+    finished = False
     try:
-        return _run(cfg, resuming, info, stop, on_step)
+        result = _run(cfg, resuming, info, stop, on_step)
+        finished = True
+        return result
     finally:
         stop.uninstall()
         if started_pg:
+            if finished:
+                # no rank may tear down its connections while another is still inside a collective:
+                # gloo then aborts the slower process (SIGABRT) at the very end of a good run
+                dist.barrier()
             dist.destroy_process_group()
 
 
