@@ -10,8 +10,11 @@ interleaved round-robin, and the median step time is reported, so machine load h
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` during the steps. On CPU (Linux), each variant
 runs in its own subprocess, which resets its peak-RSS mark (`/proc/self/clear_refs`), runs two steps and
 reports peak RSS (VmHWM) minus the RSS just before the first step: the extra memory the OS had to
-provide for the steps (activations, relevance, gradients, optimizer state). Coarse (allocator caching,
-page granularity) but honest.
+provide for the steps (activations, relevance, gradients, optimizer state). Twice: with glibc's
+default allocator ("RSS", what a user's process shows; glibc keeps freed blocks for reuse, so
+fragmentation inflates it), and with MALLOC_MMAP_THRESHOLD_=65536 ("live"), where every large tensor
+is its own mapping returned to the OS when freed, so the peak follows the live tensors (the CPU
+counterpart of CUDA's max_memory_allocated; too slow for the timed runs).
 
 Goals (DESIGN.md): selective <= 3.0x plain; original with 3 classes <= 6x plain on DenseNet-121;
 peak memory <= 2.5x plain.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -88,8 +92,11 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(arch: str, variant: str, classes: int, size: int, batch: int, device: torch.device) -> float:
-    """Bytes: CUDA max allocated during 2 steps, or (CPU, in a subprocess) the ru_maxrss growth."""
+def peak_memory(
+    arch: str, variant: str, classes: int, size: int, batch: int, device: torch.device, live: bool = False
+) -> float:
+    """Bytes: CUDA max allocated during 2 steps, or (CPU, in a subprocess) the peak-RSS growth; `live`:
+    with large allocations unmapped as soon as they are freed."""
     if device.type == "cuda":
         step = make_step(arch, variant, classes, size, batch, device)
         torch.cuda.synchronize(device)
@@ -108,7 +115,8 @@ def peak_memory(arch: str, variant: str, classes: int, size: int, batch: int, de
         "print(json.dumps((_status_kb('VmHWM') - before) * 1024))\n"
     )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if live else None
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -128,21 +136,24 @@ def main() -> None:
         f"device {device}, {torch.get_num_threads()} threads, {args.size} px, batch {args.batch}, "
         f"median of {args.steps} steps"
     )
-    print(f"{'arch':<12} {'case':<14} {'step s':>8} {'x plain':>8} {'peak MB':>9} {'mem x':>6}")
+    kinds = ["CUDA"] if device.type == "cuda" else ["RSS", "live"]
+    header = "".join(f" {kind + ' MB':>9} {'x':>5}" for kind in kinds)
+    print(f"{'arch':<12} {'case':<14} {'step s':>8} {'x plain':>8}{header}")
     for arch in archs:
         times = time_cases(arch, args.size, args.batch, args.steps, device)
-        mems: dict[str, float] = {}
+        mems: dict[str, dict[str, float]] = {}
         if not args.no_memory:
-            for label, variant, k in CASES:
-                mems[label] = peak_memory(arch, variant, k, args.size, args.batch, device)
+            for kind in kinds:
+                mems[kind] = {
+                    label: peak_memory(arch, variant, k, args.size, args.batch, device, live=kind == "live")
+                    for label, variant, k in CASES
+                }
         for label, _variant, k in CASES:
             ref = "plain K=3" if k == 3 else "plain"
-            ratio = times[label] / times[ref]
-            mem = mems.get(label)
-            mem_ratio = mem / mems[ref] if mem is not None and mems.get(ref) else float("nan")
-            mem_txt = f"{mem / 2**20:9.1f} {mem_ratio:6.2f}" if mem is not None else f"{'-':>9} {'-':>6}"
-            print(f"{arch:<12} {label:<14} {times[label]:8.3f} {ratio:8.2f} {mem_txt}", flush=True)
-
+            line = f"{arch:<12} {label:<14} {times[label]:8.3f} {times[label] / times[ref]:8.2f}"
+            for by_case in mems.values():
+                line += f" {by_case[label] / 2**20:9.1f} {by_case[label] / by_case[ref]:5.2f}"
+            print(line, flush=True)
 
 if __name__ == "__main__":
     main()

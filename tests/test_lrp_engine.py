@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isnet_cli.errors import ModelError
-from isnet_cli.lrp import LRP
+from isnet_cli.lrp import LRP, engine, rules
 from isnet_cli.lrp.targets import selective_gradient, stochastic_classes
 
 
@@ -327,3 +327,90 @@ def test_conv1d_and_mlp_conserve() -> None:
             r = lrp(x, "all")
         assert r.shape == (2, 3, *x.shape[1:])
         assert torch.allclose(r.flatten(2).sum(-1), lrp.logits, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- training path
+# When differentiating, the engine keeps fewer tensors for the backward: `rules.epsilon_divide` recomputes
+# its denominator, batch-norm statistics come from the forward's autograd node, a BN -> activation -> conv
+# chain is handled in one step, and BN outputs read only for their shape are released.
+
+
+@pytest.mark.parametrize("with_vectors", range(16))
+def test_epsilon_divide_backward_matches_numeric_gradients(with_vectors: int) -> None:
+    torch.manual_seed(with_vectors)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    for r, y, channels in ((tensor(2, 3, 4, 5, 5), tensor(3, 4, 5, 5), 4), (tensor(2, 3, 6), tensor(3, 6), 6)):
+        optional = [
+            tensor(channels) if with_vectors & 1 else None,  # scale_in
+            tensor(channels) if with_vectors & 2 else None,  # shift_in
+            tensor(channels) if with_vectors & 4 else None,  # scale_out
+            tensor(*y.shape) if with_vectors & 8 else None,  # factor
+        ]
+        given = [t for t in optional if t is not None]
+
+        def fn(r: torch.Tensor, y: torch.Tensor, *vectors: torch.Tensor, slots=tuple(optional)) -> torch.Tensor:
+            it = iter(vectors)
+            return rules.epsilon_divide(r, y, 0.3, *(next(it) if t is not None else None for t in slots))
+
+        assert torch.autograd.gradcheck(fn, (r, y, *given))
+
+
+def _heatmap_and_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    lrp = LRP(model)
+    r = lrp(x, "selective")
+    loss = F.cross_entropy(lrp.logits, y) + r[..., : x.shape[-2] // 3, :].abs().sum() / r.abs().sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return r.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("factory", ["tinycnn", "minidense", "small_resnet"])
+def test_training_path_equals_plain_autograd(factory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heatmap and weight gradients of the memory-lean path equal plain autograd on the same formulas,
+    and the heatmap equals the explanation (no-grad) path's."""
+    from tests.tiny_models import small_resnet
+
+    torch.manual_seed(0)
+    model = {"tinycnn": TinyCNN, "minidense": MiniDense, "small_resnet": small_resnet}[factory]().double().train()
+    x = torch.rand(4, 1, 12, 12, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    lean_r, lean_grads = _heatmap_and_gradients(model, x, y)
+    with torch.no_grad():
+        explained = LRP(model)(x, "selective")
+    assert torch.allclose(lean_r, explained, rtol=1e-9, atol=1e-12)
+
+    def plain_divide(r, y, eps, scale_in=None, shift_in=None, scale_out=None, factor=None):
+        return rules._epsilon_divide(r, y, eps, scale_in, shift_in, scale_out, factor)
+
+    monkeypatch.setattr(rules, "epsilon_divide", plain_divide)
+    monkeypatch.setattr(engine, "_batch_statistics", lambda out: None)
+    plain_r, plain_grads = _heatmap_and_gradients(model, x, y)
+    assert torch.allclose(lean_r, plain_r, rtol=1e-9, atol=1e-12)
+    for lean, plain in zip(lean_grads, plain_grads, strict=True):
+        assert torch.allclose(lean, plain, rtol=1e-7, atol=1e-12)
+
+
+def test_densenet_training_heatmap_keeps_little_for_the_backward() -> None:
+    """Tensors kept for the backward by forward + differentiable heatmap, against the plain forward, on
+    DenseNet-121 (64 px, batch 4): 1.59x here; plain autograd over the same rules kept 2.30x."""
+    import torchvision
+
+    def kept_bytes(fn) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(storages.values())
+
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=2).train()
+    x = torch.rand(4, 3, 64, 64)
+    lrp = LRP(model)
+    ratio = kept_bytes(lambda: lrp(x, "selective")) / kept_bytes(lambda: model(x))
+    assert ratio < 1.8, ratio

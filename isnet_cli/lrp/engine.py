@@ -35,6 +35,15 @@ def _hp(t: Any) -> Any:
     return t
 
 
+def _batch_statistics(out: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, 1/sqrt(var + eps)) that a train-mode batch norm normalised `out` with, as its autograd
+    node keeps them, or None (no gradient recorded, or another BN kernel): then they are recomputed."""
+    fn = getattr(out, "grad_fn", None)
+    if type(fn).__name__ == "NativeBatchNormBackward0" and fn._saved_training:
+        return fn._saved_result1, fn._saved_result2
+    return None
+
+
 class LRP:
     """Layer-wise relevance propagation for a torch.fx-traceable classifier.
 
@@ -85,7 +94,10 @@ class LRP:
     # ---------------------------------------------------------------- forward
     def _forward(self, gm: fx.GraphModule, plan: G.Plan, x: torch.Tensor):
         env: dict[fx.Node, Any] = {}
-        indices: dict[fx.Node, torch.Tensor] = {}
+        # side outputs of the forward: max-pool argmax indices, batch-norm batch statistics
+        side: dict[fx.Node, Any] = {}
+        # a value whose shape is all the reverse pass reads becomes a meta tensor (any other use fails loudly)
+        release = torch.is_grad_enabled()
         for step in plan.steps:
             node = step.node
             if step.kind == G.INPUT:
@@ -99,9 +111,14 @@ class LRP:
                 kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
                 out = step.fn(*args, **kwargs)
                 if step.returns_indices:
-                    out, indices[node] = out
+                    out, side[node] = out
+                elif step.kind == G.BN:
+                    side[node] = _batch_statistics(out)
                 env[node] = out
-        return env, indices
+                if release:
+                    for done in step.release_after:
+                        env[done] = env[done].detach().to("meta")
+        return env, side
 
     # ---------------------------------------------------------------- public call
     def __call__(self, x: torch.Tensor, target: int | str | torch.Tensor = "predicted") -> torch.Tensor:
@@ -114,7 +131,7 @@ class LRP:
         self._plan = plan
         if self.ddp is not None:
             (x,), _ = self.ddp._pre_forward(x)
-        env, indices = self._forward(gm, plan, x)
+        env, side = self._forward(gm, plan, x)
         logits = env[plan.output_node]
         if self.ddp is not None:
             logits = self.ddp._post_forward(logits)
@@ -125,13 +142,13 @@ class LRP:
         kind, start = initial_message(logits, target)
         device_type = x.device.type if x.device.type in ("cuda", "cpu") else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            relevance = self._reverse(plan, env, indices, kind, start)
+            relevance = self._reverse(plan, env, side, kind, start)
         if relevance is None:
             relevance = torch.zeros((start.shape[0], *x.shape), dtype=start.dtype, device=x.device)
         return relevance.transpose(0, 1) if isinstance(target, str) and target == "all" else relevance[0]
 
     # ---------------------------------------------------------------- reverse
-    def _reverse(self, plan, env, indices, kind, start) -> torch.Tensor | None:
+    def _reverse(self, plan, env, side, kind, start) -> torch.Tensor | None:
         k = start.shape[0]
         msgs: dict[fx.Node, Message] = {}
 
@@ -154,7 +171,7 @@ class LRP:
             handler = getattr(self, f"_rule_{step.kind}", None)
             if handler is None:
                 raise ModelError(f"no LRP rule for {step.name}")
-            handler(step, r, g, env, indices, send, k, differentiating)
+            handler(step, r, g, env, side, send, k, differentiating)
         return None
 
     @staticmethod
@@ -164,18 +181,18 @@ class LRP:
             return r
         return y * g if r is None else r + y * g
 
-    # Each rule: (step, R, G, env, indices, send, K, differentiating) -> messages to the inputs.
-    def _rule_noop(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    # Each rule: (step, R, G, env, side, send, K, differentiating) -> messages to the inputs.
+    def _rule_noop(self, step, r, g, env, side, send, k, differentiating) -> None:
         return None
 
-    def _rule_act(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_act(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Element-wise activation: R_in = R_out (the ε-rule of the next linear layer already
         restricts relevance to active units); a gradient message becomes relevance first."""
         r = self._total(r, g, _hp(env[step.node]))
         src = step.tensor_inputs[0]
         send(src, r=r.reshape(k, *env[src].shape))
 
-    def _rule_pass(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_pass(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Shape-only ops move relevance (and gradient messages) back to the input's shape."""
         src = step.tensor_inputs[0]
         reshape_only = isinstance(step.module, _RESHAPE_MODULES) or (
@@ -190,7 +207,7 @@ class LRP:
             g=None if g is None else g.reshape(shape),
         )
 
-    def _rule_cat(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_cat(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Concatenation: relevance (and gradient messages) split by channel back to each input."""
         node = step.node
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -204,7 +221,7 @@ class LRP:
             if isinstance(part, fx.Node):
                 send(part, r=rp, g=gp)
 
-    def _rule_getitem(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_getitem(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Indexing: relevance scattered back into zeros at the indexed positions."""
         src = step.tensor_inputs[0]
         a = env[src]
@@ -217,25 +234,25 @@ class LRP:
         out[(slice(None), *index)] = r
         send(src, r=out)
 
-    def _rule_add(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_add(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Sum y = Σ x_i: R_i = x_i ⊙ R / (y + ε·sign(y)); constant summands absorb their share."""
         self._split_sum(step, r, g, env, send, k, signs=[1.0] * len(step.node.args), differentiating=differentiating)
 
-    def _rule_sub(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_sub(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Difference y = x_1 − x_2: R_1 = x_1 ⊙ R/stab(y), R_2 = −x_2 ⊙ R/stab(y)."""
         self._split_sum(step, r, g, env, send, k, signs=[1.0, -1.0], differentiating=differentiating)
 
     def _split_sum(self, step, r, g, env, send, k, signs, differentiating) -> None:
         y = _hp(env[step.node])
         r = self._total(r, g, y)
-        s = r / self._denominator(step, y, env, differentiating)
+        s = self._divide(step, r, y, env, differentiating)
         for arg, sign in zip(step.node.args, signs, strict=False):
             if isinstance(arg, fx.Node) and isinstance(env[arg], torch.Tensor):
                 xi = _hp(env[arg])
                 share = xi * s if sign > 0 else -xi * s
                 send(arg, r=rules.sum_to(share, (k, *xi.shape)))
 
-    def _rule_mul(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_mul(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Multiplicative gating x ⊙ gate: all relevance goes to x, the gate is held constant.
 
         The gate is the operand computed by a sigmoid-like op (squeeze-excitation); otherwise the
@@ -259,7 +276,7 @@ class LRP:
                 target = operands[0] if sizes[0] > sizes[1] else operands[1]
         send(target, r=rules.sum_to(r, (k, *env[target].shape)))
 
-    def _rule_div(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_div(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Division by a constant or a gate: relevance passes to the numerator."""
         num = step.node.args[0]
         if isinstance(num, fx.Node):
@@ -269,52 +286,59 @@ class LRP:
     def _plans_step(self, node: fx.Node) -> G.Step:
         return self._plan.by_node[node]
 
-    def _denominator(self, step, z, env, differentiating) -> torch.Tensor:
-        """z + ε·sign(z), computed cheaply where the structure allows (same values where R ≠ 0):
+    def _divide(self, step, r, y, env, differentiating, scale_in=None, shift_in=None, scale_out=None):
+        """scale_out ⊙ R / stab(z) with z = scale_in ⊙ y + shift_in (per-channel vectors, each optional).
 
+        When differentiating: `rules.epsilon_divide`, which keeps no denominator for the backward.
+        For explanations y is z itself (a stored output) and the denominator is computed cheaply
+        where the structure allows (same values where R ≠ 0):
         - the output feeds a single plain ReLU: relevance is zero wherever the ReLU output a is
-          zero, and a = z elsewhere, so a + ε serves (explanations only: when differentiating, the
-          bias-detached z is kept so no gradient reaches the biases);
+          zero, and a = z elsewhere, so a + ε serves;
         - a pool of ReLU outputs: z ≥ 0, so z + ε.
         """
-        relu = step.relu_user
-        if step.fused_bn is not None:
-            relu = step.fused_bn.relu_user
-        if relu is not None and not differentiating:
-            return _hp(env[relu]) + self.epsilon
-        if step.nonneg_input:
-            return z + self.epsilon
-        return rules.stabilise(z, self.epsilon)
+        if differentiating:
+            return rules.epsilon_divide(r, y, self.epsilon, scale_in, shift_in, scale_out)
+        relu = step.relu_user if step.fused_bn is None else step.fused_bn.relu_user
+        if relu is not None:
+            denominator = _hp(env[relu]) + self.epsilon
+        elif step.nonneg_input:
+            denominator = y + self.epsilon
+        else:
+            denominator = rules.stabilise(y, self.epsilon)
+        s = r / denominator
+        return s if scale_out is None else s * rules.channel_view(scale_out, s.dim() - 1)
 
-    def _message(self, step, r, g, z, env, differentiating) -> torch.Tensor:
-        """What a linear map sends back through its transpose: G + R / stab(z) (either part may be absent)."""
-        msg = None if r is None else r / self._denominator(step, z, env, differentiating)
+    def _message(self, step, r, g, y, env, differentiating, shift_in=None) -> torch.Tensor:
+        """What a linear map sends back through its transpose: G + R / stab(y + shift_in) (either part
+        may be absent)."""
+        msg = None if r is None else self._divide(step, r, y, env, differentiating, shift_in=shift_in)
         if g is not None:
             msg = g if msg is None else msg + g
         return msg
 
     # -- linear maps -------------------------------------------------------
-    def _fused_z(self, step, env, differentiating):
-        """(z, scale, shift) at the output of a conv/linear step and its fused BN (if any).
+    def _fused_z(self, step, env, side, differentiating):
+        """(y, z_scale, z_shift, scale, shift) of a conv/linear step and its fused BN (if any).
 
-        z is the stored output (BN output when fused); when differentiating it is recomputed with
-        the biases detached, as the reference (the heatmap loss sends no gradient through biases in
-        the LRP pass). scale/shift: the fused BN's per-channel affine map, or None.
+        The pre-activation LRP divides by is z = z_scale ⊙ y + z_shift (per-channel vectors or None),
+        y the stored output; scale/shift: the fused BN's per-channel affine map, or None. For
+        explanations y is z itself (the BN output when fused); when differentiating, z has the
+        biases detached, as the reference (the heatmap loss sends no gradient through biases in the
+        LRP pass): the same value, other gradients.
         """
         y = _hp(env[step.node])
         bias = getattr(step.module, "bias", None) if step.module is not None else None
         if step.fused_bn is None:
             if differentiating and bias is not None:
-                y = y - rules.channel_view(bias - bias.detach(), y.dim())
-            return y, None, None
-        bn = step.fused_bn.module
-        scale, shift = rules.bn_affine(bn, y)
+                return y, None, bias.detach() - bias, None, None
+            return y, None, None, None, None
+        scale, shift = rules.bn_affine(step.fused_bn.module, y, side.get(step.fused_bn.node))
         if not differentiating:
-            return _hp(env[step.fused_bn.node]), scale, shift
-        u = y if bias is None else y - rules.channel_view(bias, y.dim())
+            return _hp(env[step.fused_bn.node]), None, None, scale, shift
+        # z = scale ⊙ (y − b) + (scale·b + shift).detach()
         full_bias = shift if bias is None else scale * bias + shift
-        z = rules.channel_view(scale, y.dim()) * u + rules.channel_view(full_bias.detach(), y.dim())
-        return z, scale, shift
+        z_shift = full_bias.detach() if bias is None else full_bias.detach() - scale * bias
+        return y, scale, z_shift, scale, shift
 
     def _linear_parts(self, step, env):
         """(weight, bias, apply, transpose) of a conv/linear step; `transpose` folds K into the batch."""
@@ -341,7 +365,7 @@ class LRP:
 
         return weight, bias, apply_lin, rules.linear_transpose
 
-    def _rule_conv(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_conv(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Conv/linear (+ fused BN): LRP-ε, LRP-zB at the first layer, or z+/αβ for explanations.
 
         ε: R_a = a ⊙ Wᵀ(G + R / stab(z)) where a gradient message G from downstream BN slices has
@@ -351,12 +375,12 @@ class LRP:
         src = step.tensor_inputs[0]
         a = _hp(env[src])
         weight, bias, apply, transpose = self._linear_parts(step, env)
-        z, scale, shift = self._fused_z(step, env, differentiating)
-        r_tot = self._total(r, g, z) if scale is not None else r
+        y, z_scale, z_shift, scale, shift = self._fused_z(step, env, side, differentiating)
         use_zb = step.first and self.first_rule == "zb"
         if use_zb or self.rule != "epsilon":
+            z = rules.affine(y, z_scale, z_shift)
+            r_tot = self._total(r, g, z)
             if scale is None:
-                r_tot = self._total(r, g, z)
                 w_f, b_f = weight, bias
             else:
                 view = scale.view(-1, *([1] * (weight.dim() - 1)))
@@ -369,19 +393,32 @@ class LRP:
             send(src, r=out)
             return
         if scale is not None:
-            msg = r_tot / self._denominator(step, z, env, differentiating)
-            if weight.numel() < msg.numel():  # fold the BN scale into whichever is smaller
+            r_tot = r if g is None else self._total(r, g, rules.affine(y, z_scale, z_shift))
+            if weight.numel() < r_tot.numel():  # fold the BN scale into whichever is smaller
+                msg = self._divide(step, r_tot, y, env, differentiating, z_scale, z_shift)
                 view = scale.view(-1, *([1] * (weight.dim() - 1)))
                 send(src, r=a * transpose(msg, weight * view))
                 return
-            msg = rules.channel_view(scale, z.dim()) * msg
+            msg = self._divide(step, r_tot, y, env, differentiating, z_scale, z_shift, scale_out=scale)
         else:
-            msg = self._message(step, r, g, z, env, differentiating)
+            msg = self._message(step, r, g, y, env, differentiating, shift_in=z_shift)
+        if differentiating and step.preact_bn is not None:
+            self._preact_bn(step.preact_bn, a, transpose(msg, weight), env, side, send)
+            return
         send(src, r=a * transpose(msg, weight))
+
+    def _preact_bn(self, bn, a, c, env, side, send) -> None:
+        """The rules of BN → activation → this linear op at once, when differentiating: the relevance
+        a ⊙ c at the activation passes to the BN output unchanged, and the BN sends its gradient message
+        scale ⊙ (a ⊙ c) / stab(z_BN) without the product a ⊙ c ever being kept for the backward."""
+        src = bn.tensor_inputs[0]
+        x = _hp(env[src])
+        scale, shift = rules.bn_affine(bn.module, x, side.get(bn.node))
+        send(src, g=rules.epsilon_divide(c, x, self.epsilon, scale, shift.detach(), scale_out=scale, factor=a))
 
     _rule_linear = _rule_conv
 
-    def _rule_bn(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_bn(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Batch norm. Fused into its producer: the message moves on untouched (the producer's rule
         uses the fused weights). Otherwise (after a concatenation or a pool, or alone): a gradient
         message G = scale ⊙ R / stab(z_BN) to the input, so each producer slice gets the ε-rule of
@@ -392,22 +429,24 @@ class LRP:
             send(src, r=r, g=g)
             return
         x = _hp(env[src])
-        scale, shift = rules.bn_affine(step.module, x)
-        sv = rules.channel_view(scale, x.dim())
-        # the stored output, or (when differentiating) the same value with the BN shift detached
-        z = sv * x + rules.channel_view(shift.detach(), x.dim()) if differentiating else _hp(env[step.node])
-        r = self._total(r, g, z)
-        send(src, g=sv * (r / self._denominator(step, z, env, differentiating)))
+        scale, shift = rules.bn_affine(step.module, x, side.get(step.node))
+        if differentiating:  # z = scale ⊙ x + shift, the shift detached
+            shift = shift.detach()
+            r = r if g is None else self._total(r, g, rules.affine(x, scale, shift))
+            send(src, g=self._divide(step, r, x, env, True, scale, shift, scale_out=scale))
+            return
+        z = _hp(env[step.node])
+        send(src, g=self._divide(step, self._total(r, g, z), z, env, False, scale_out=scale))
 
-    def _rule_maxpool(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_maxpool(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Max pooling, winner-take-all: R_a = a ⊙ scatter_add(G + R / stab(y)) at the argmax."""
         src = step.tensor_inputs[0]
         a = _hp(env[src])
         y = _hp(env[step.node])
         msg = self._message(step, r, g, y, env, differentiating)
-        send(src, r=a * rules.maxpool_transpose(msg, indices[step.node], a.shape))
+        send(src, r=a * rules.maxpool_transpose(msg, side[step.node], a.shape))
 
-    def _rule_avgpool(self, step, r, g, env, indices, send, k, differentiating) -> None:
+    def _rule_avgpool(self, step, r, g, env, side, send, k, differentiating) -> None:
         """Average / adaptive-average pooling and means as uniform linear maps, LRP-ε:
         R_a = a ⊙ Pᵀ(G + R / stab(y))."""
         src = step.tensor_inputs[0]

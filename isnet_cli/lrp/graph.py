@@ -188,6 +188,11 @@ class Step:
     is_relu: bool = False  # a plain ReLU (relevance is zero wherever its output is zero)
     relu_user: fx.Node | None = None  # the single consumer, when it is a plain ReLU
     nonneg_input: bool = False  # a pool whose input is a ReLU output (so its output is >= 0)
+    # conv/linear reading act(BN(x)), each the only consumer of the one before (DenseNet's BN-ReLU-conv):
+    # when differentiating, this step's rule also applies the activation's and the BN's
+    preact_bn: Step | None = None
+    # values the reverse pass reads only for their shape when differentiating, released after this step
+    release_after: list[fx.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -434,7 +439,28 @@ def build_plan(gm: fx.GraphModule) -> Plan:
             and _through_pass(by_node[step.tensor_inputs[0]], by_node).kind == INPUT
         ):
             step.first = True
+    for step in steps:
+        if step.kind in (CONV, LINEAR) and step.tensor_inputs and not step.first:
+            act = by_node[step.tensor_inputs[0]]
+            if act.kind == ACT and len(act.node.users) == 1 and act.tensor_inputs:
+                bn = by_node[act.tensor_inputs[0]]
+                if bn.kind == BN and not bn.absorbed and len(bn.node.users) == 1:
+                    step.preact_bn = bn
+    _mark_releases(steps, by_node)
     return Plan(steps, by_node, inputs[0].node, result)
+
+
+def _mark_releases(steps: list[Step], by_node: dict[fx.Node, Step]) -> None:
+    """Batch-norm outputs read only by element-wise activations are needed by the differentiating
+    reverse pass for their shape alone (the BN and activation rules recompute or skip the value), while
+    autograd keeps the activation's output, not its input: holding them would cost one activation per
+    BN (on DenseNet a tenth of a training step's memory). Each is released after its last reader."""
+    order = {s.node: i for i, s in enumerate(steps)}
+    for step in steps:
+        users = list(step.node.users)
+        if step.kind == BN and users and all(by_node[u].kind == ACT for u in users):
+            last = max(users, key=order.__getitem__)
+            by_node[last].release_after.append(step.node)
 
 
 class PlanCache:
