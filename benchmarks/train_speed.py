@@ -155,5 +155,6 @@ def main() -> None:
                 line += f" {by_case[label] / 2**20:9.1f} {by_case[label] / by_case[ref]:5.2f}"
             print(line, flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -123,6 +123,21 @@ def build_model(
     return make_lrp_ready(model)
 
 
+def default_lds_layers(arch: str, model: nn.Module) -> list[str] | None:
+    """Hidden layers for LRP deep supervision, as the reference chooses them, or None (no default).
+
+    ResNets: the outputs of the residual stages; DenseNet-121: each transition's ReLU and the final
+    ReLU (the functional `relu` node); VGG and TinyCNN: every max pool. Others need --lds-layers.
+    """
+    if arch.startswith("resnet") or arch == "tinyresnet":
+        return [name for name, _ in model.named_children() if name.startswith("layer")]
+    if arch == "densenet121":
+        return [f"features.transition{i}.relu" for i in (1, 2, 3)] + ["relu"]
+    if arch.startswith("vgg") or arch == "tinycnn":
+        return [name for name, m in model.named_modules() if isinstance(m, nn.MaxPool2d)]
+    return None
+
+
 def make_lrp_ready(model: nn.Module) -> nn.Module:
     """Switch every in-place activation to out-of-place: LRP needs each stored activation intact."""
     for module in model.modules():

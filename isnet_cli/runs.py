@@ -213,7 +213,7 @@ def model_card(config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any
         "## Training",
         f"- variant `{variant}`, method `{isnet.get('method')}`, P={isnet.get('P')}, d={isnet.get('d')}, "
         f"E={isnet.get('E')}, A={isnet.get('A')}, B={isnet.get('B')}, LRP eps={isnet.get('eps')}, "
-        f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')})",
+        f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')})" + _lds_text(isnet),
         f"- optimizer {config.get('optimizer')} lr {config.get('lr')}, {config.get('epochs')} epochs, batch "
         f"{config.get('batch_size')}, scheduler {config.get('scheduler')}, seed {config.get('seed')}, "
         f"deterministic {config.get('deterministic')}",
@@ -255,3 +255,12 @@ def _num(value: Any) -> str:
         return f"{float(value):.4g}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def _lds_text(isnet: dict[str, Any]) -> str:
+    """The model card's note on LRP deep supervision: each hidden layer with its C1/C2."""
+    cuts = isnet.get("lds_cuts")
+    if not cuts:
+        return ""
+    layers = ", ".join(f"`{name}` C1={_num(c[0])} C2={_num(c[1])}" for name, c in cuts.items())
+    return f"; LRP deep supervision (GWRP decay {isnet.get('lds_decay')} over layers): {layers}"

@@ -44,11 +44,11 @@ from torch.utils.data import DataLoader, Sampler
 from isnet_cli import runs
 from isnet_cli.checkpoint import save_checkpoint
 from isnet_cli.device import resolve_device
-from isnet_cli.errors import InputError, IsnetError
+from isnet_cli.errors import InputError, IsnetError, ModelError
 from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
-from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss, rrr_penalty, total_loss
+from isnet_cli.isnet.loss import HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
 from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
 from isnet_cli.progress import console, make_progress, progress_enabled
 from isnet_cli.train_config import TrainConfig
@@ -290,13 +290,46 @@ class StepOutput:
     mass: torch.Tensor | None = None  # (B,) whole-map Σ|R| (the C1/C2 statistic)
 
 
-class Objective:
-    """Computes the training / validation loss of one batch for the configured variant and method."""
+@dataclass(frozen=True)
+class Cuts:
+    """Foreground bounds (C1, C2) of the heatmap loss, how they were found, and with LRP deep
+    supervision one pair per hidden layer (in layer order)."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device, cut: tuple[float, float] | None):
+    input: tuple[float, float] | None
+    source: str
+    hidden: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form kept in config.json, checkpoints and the resume state."""
+        return {
+            "C1": self.input[0] if self.input else None,
+            "C2": self.input[1] if self.input else None,
+            "cut_source": self.source,
+            "lds_cuts": {name: list(c) for name, c in self.hidden.items()} or None,
+        }
+
+
+class Objective:
+    """Computes the training / validation loss of one batch for the configured variant and method.
+
+    With LRP deep supervision (`lds_cuts`: C1/C2 per hidden layer), the heatmap loss of each hidden
+    layer's relevance joins the input map's, combined by a GWRP over layers with decay `--lds-decay`.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        device: torch.device,
+        cut: tuple[float, float] | None,
+        lds_cuts: dict[str, tuple[float, float]] | None = None,
+    ):
         self.cfg, self.model, self.device = cfg, model, device
         self.params = HeatmapLossParams(cfg.d, cfg.E, cfg.A, cfg.B, *(cut or (1.0, 25.0)))
-        self.lrp = _make_lrp(model, cfg) if cfg.uses_lrp_loss else None
+        self.lds_params = {
+            name: HeatmapLossParams(cfg.d, cfg.E, cfg.A, cfg.B, *c) for name, c in (lds_cuts or {}).items()
+        }
+        self.lrp = _make_lrp(model, cfg, tuple(self.lds_params)) if cfg.uses_lrp_loss else None
         self.amp = cfg.amp and device.type == "cuda"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -328,7 +361,13 @@ class Objective:
         logits = self.lrp.logits
         ce = F.cross_entropy(logits.float(), y)
         parts = heatmap_loss(relevance, mask, self.params)
-        loss = total_loss(ce, parts.total, P)
+        heat = parts.total
+        if self.lds_params:
+            layer_losses = [
+                heatmap_loss(hidden_map(self.lrp, name), mask, p).total for name, p in self.lds_params.items()
+            ]
+            heat = gwrp(torch.stack([heat, *layer_losses]), self.cfg.lds_decay)
+        loss = total_loss(ce, heat, P)
         return StepOutput(
             loss,
             ce,
@@ -340,10 +379,46 @@ class Objective:
         )
 
 
-def _make_lrp(model: nn.Module, cfg: TrainConfig) -> Any:
+def _make_lrp(model: nn.Module, cfg: TrainConfig, hidden: Sequence[str] = ()) -> Any:
     from isnet_cli.lrp import LRP
 
-    return LRP(model, epsilon=cfg.eps, low=0.0, high=1.0)
+    return LRP(model, epsilon=cfg.eps, low=0.0, high=1.0, hidden=hidden)
+
+
+def hidden_map(lrp: Any, name: str) -> torch.Tensor:
+    """The relevance an LRP call recorded at hidden layer `name`; it must be an image-like map."""
+    relevance = lrp.hidden[name]
+    if relevance.dim() not in (4, 5):
+        raise ModelError(
+            f"--lds-layers: layer {name!r} outputs shape {tuple(relevance.shape[-3:])}, not a (C, H, W) map; "
+            "name convolutional layers"
+        )
+    return relevance
+
+
+def lds_layers(cfg: TrainConfig, model: nn.Module) -> tuple[str, ...]:
+    """The hidden layers of LRP deep supervision: --lds-layers, or the architecture's default."""
+    from isnet_cli.backbones import default_lds_layers
+
+    if not cfg.lds:
+        return ()
+    names = cfg.lds_layer_names or default_lds_layers(cfg.arch, model)
+    if not names:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise InputError(
+            None,
+            f"--lds: no default hidden layers for --arch {cfg.arch}",
+            f"name them with --lds-layers (module paths; top-level modules: {children})",
+        )
+    from isnet_cli.lrp.graph import layer_output, trace
+
+    gm = trace(model)  # check the names now, not after the C1/C2 warm-up
+    for name in names:
+        try:
+            layer_output(gm, name)
+        except ModelError as exc:
+            raise InputError(None, f"--lds-layers: {exc}", "name modules of the model") from None
+    return tuple(names)
 
 
 def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -403,6 +478,7 @@ class Trainer:
         self.progress_on = progress_enabled(cfg.no_progress) and dist_info.main
         self.skipped_total = 0
         self.classes: list[str] = []
+        self.lds_layers: tuple[str, ...] = ()  # hidden layers of LRP deep supervision
         self._explainer: Any = None
         self._explainer_model: nn.Module | None = None
 
@@ -544,7 +620,7 @@ class Trainer:
         skip: int,
         progress: Any,
         heat: bool = True,
-        collect_mass: Welford | None = None,
+        collect_mass: list[Welford] | None = None,
         label: str = "train",
     ) -> tuple[dict[str, float], int, bool]:
         """Train one epoch from batch `skip`; returns (mean losses, next step, stopped early)."""
@@ -563,7 +639,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             out = objective(x, mask, y, heat=heat, P=p_now)
             if collect_mass is not None:
-                collect_mass.update(self._mass(objective, x, mask).tolist())
+                for stats, masses in zip(collect_mass, self._mass(objective, x, mask), strict=True):
+                    stats.update(masses.tolist())
             bad = not bool(torch.isfinite(out.loss))
             if not bad:
                 out.loss.backward()
@@ -625,28 +702,30 @@ class Trainer:
         }
 
     def _mass(self, objective: Objective, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whole-map Σ|R| per sample for the variant's target (C1/C2 statistic), without gradients."""
+        """Whole-map Σ|R| per sample for the variant's target (C1/C2 statistic), without gradients:
+        (1 + number of LDS layers, B), the input map first."""
         lrp = objective.lrp or self.explainer(objective.model)
         with torch.no_grad():
             relevance = lrp(x, _TARGETS.get(self.cfg.variant, "selective"))
-            parts = heatmap_loss(relevance, mask, HeatmapLossParams())
-        return parts.mass
+            maps = [relevance, *(hidden_map(lrp, name) for name in self.lds_layers)]
+            return torch.stack([heatmap_loss(r, mask, HeatmapLossParams()).mass for r in maps])
 
     def explainer(self, model: nn.Module) -> Any:
         """An LRP engine for relevance statistics of models trained without the heatmap loss."""
         if self._explainer is None or self._explainer_model is not model:
-            self._explainer = _make_lrp(model, self.cfg)
+            self._explainer = _make_lrp(model, self.cfg, self.lds_layers)
             self._explainer_model = model
         return self._explainer
 
     # -- C1/C2 ----------------------------------------------------------------------------------
-    def tune_cut(self, model: nn.Module, progress: Any) -> tuple[float, float]:
-        """Warm up a throw-away copy with CE only for `cut_epochs`, collect Σ|R| in the last epoch (Welford)."""
+    def tune_cut(self, model: nn.Module, progress: Any) -> list[tuple[float, float]]:
+        """Warm up a throw-away copy with CE only for `cut_epochs`, collect Σ|R| in the last epoch (Welford);
+        (C1, C2) of the input map, then of each LDS layer."""
         cfg = self.cfg
         warm = copy.deepcopy(model)
         objective = Objective(dataclasses.replace(cfg, variant="none", method="isnet"), warm, self.device, None)
         opt, _ = self.make_optimizer(warm)
-        stats = Welford()
+        stats = [Welford() for _ in range(1 + len(self.lds_layers))]
         for epoch in range(cfg.cut_epochs):
             last = epoch == cfg.cut_epochs - 1
             _, _, stopped = self.run_epoch(
@@ -662,10 +741,13 @@ class Trainer:
             )
             if stopped:
                 raise TrainingInterrupted("interrupted during the C1/C2 warm-up (nothing to resume yet); run again")
-        merged = Welford()
-        for part in self.gather(stats):
-            merged = merged.merge(part)
-        return cut_from_stats(merged.mean, merged.std)
+        cuts = []
+        for per_rank in zip(*self.gather(stats), strict=True):  # one map's statistics from every rank
+            merged = Welford()
+            for part in per_rank:
+                merged = merged.merge(part)
+            cuts.append(cut_from_stats(merged.mean, merged.std))
+        return cuts
 
     # -- validation -------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, objective: Objective, ds: Any, with_heat: bool) -> dict[str, float]:
@@ -775,10 +857,9 @@ def _meta(
     cfg: TrainConfig,
     classes: list[str],
     contract: InputContract,
-    cut: tuple[float, float] | None,
+    cuts: Cuts,
     data: DataBundle,
     row: dict[str, Any],
-    cut_source: str,
 ) -> dict[str, Any]:
     isnet = {
         "variant": cfg.variant,
@@ -789,9 +870,8 @@ def _meta(
         "A": cfg.A,
         "B": cfg.B,
         "eps": cfg.eps,
-        "C1": cut[0] if cut else None,
-        "C2": cut[1] if cut else None,
-        "cut_source": cut_source,
+        **cuts.record(),
+        "lds_decay": cfg.lds_decay if cuts.hidden else None,
         "rrr_lambda": cfg.rrr_lambda if cfg.method == "rrr" else None,
     }
     return {
@@ -872,6 +952,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
     from isnet_cli.backbones import build_model
 
     model = build_model(cfg.arch, len(data.classes), in_channels=1, pretrained=cfg.pretrained).to(trainer.device)
+    trainer.lds_layers = lds_layers(cfg, model)
     if info.world > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
@@ -881,8 +962,8 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
         model.load_state_dict(load_file(str(run_dir / "last.safetensors"), device=str(trainer.device)))
 
     with make_progress(trainer.progress_on, _stats_column()) as progress:
-        cut, cut_source = _resolve_cut(cfg, trainer, model, progress, state)
-        objective = Objective(cfg, model, trainer.device, cut)
+        cuts = _resolve_cut(cfg, trainer, model, progress, state)
+        objective = Objective(cfg, model, trainer.device, cuts.input, cuts.hidden)
         if cfg.amp and cfg.uses_lrp_loss and info.main:
             console.print(
                 "[yellow]--amp: the relevance pass and the heatmap loss run in fp32; "
@@ -910,9 +991,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
             config = {
                 **dataclasses.asdict(cfg),
                 "name": run_dir.name,
-                "C1": cut[0] if cut else None,
-                "C2": cut[1] if cut else None,
-                "cut_source": cut_source,
+                **cuts.record(),
                 "classes": data.classes,
                 "world_size": info.world,
                 "contract": trainer.contract.to_dict(),
@@ -923,7 +1002,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 cfg.recipe(),
                 header=f"# isnet train --config {run_dir / 'config.yaml'}   (recipe of run {run_dir.name})\n",
             )
-        meta = lambda row: _meta(cfg, data.classes, trainer.contract, cut, data, row, cut_source)  # noqa: E731
+        meta = lambda row: _meta(cfg, data.classes, trainer.contract, cuts, data, row)  # noqa: E731
 
         last_row = rows[-1] if rows else None
         for epoch in range(start_epoch, cfg.epochs):
@@ -935,9 +1014,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 rng = trainer.gather(rng_state())
                 if info.main:
                     save_checkpoint(run_dir / "last.safetensors", model, meta({"epoch": epoch, "partial_steps": step}))
-                    state = _state(
-                        opt, sched, epoch, step, best_score, best_row, rng, trainer.skipped_total, cut, cut_source
-                    )
+                    state = _state(opt, sched, epoch, step, best_score, best_row, rng, trainer.skipped_total, cuts)
                     _write_state(run_dir, state)
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch + 1}, step {step}: saved {run_dir / 'last.safetensors'}; "
@@ -977,9 +1054,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 save_checkpoint(run_dir / "last.safetensors", model, meta(row))
                 if improved:
                     save_checkpoint(run_dir / "best.safetensors", model, meta(row))
-                state = _state(
-                    opt, sched, epoch + 1, 0, best_score, best_row, rng, trainer.skipped_total, cut, cut_source
-                )
+                state = _state(opt, sched, epoch + 1, 0, best_score, best_row, rng, trainer.skipped_total, cuts)
                 _write_state(run_dir, state)
                 runs.write_metrics(run_dir / "metrics.csv", rows)
                 runs.plot_curves(run_dir / "curves.png", rows)
@@ -995,7 +1070,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     f"continue with: isnet train --resume {run_dir}"
                 )
         _check_agreement(model, trainer)
-    return TrainResult(run_dir, best_row, last_row, cut, model, trainer.skipped_total)
+    return TrainResult(run_dir, best_row, last_row, cuts.input, model, trainer.skipped_total)
 
 
 def _stats_column() -> Any:
@@ -1006,19 +1081,22 @@ def _stats_column() -> Any:
 
 def _resolve_cut(
     cfg: TrainConfig, trainer: Trainer, model: nn.Module, progress: Any, state: dict[str, Any] | None
-) -> tuple[tuple[float, float] | None, str]:
+) -> Cuts:
     if not cfg.uses_lrp_loss:
-        return None, "not used"
+        return Cuts(None, "not used")
     if state is not None and state.get("cut") is not None:
         c = state["cut"]
-        return (float(c[0]), float(c[1])), str(state.get("cut_source", "resumed"))
+        hidden = {name: (float(v[0]), float(v[1])) for name, v in (state.get("lds_cuts") or {}).items()}
+        return Cuts((float(c[0]), float(c[1])), str(state.get("cut_source", "resumed")), hidden)
     given = parse_cut(cfg.cut)
     if given is not None:
-        return given, "--cut"
-    cut = trainer.tune_cut(model, progress)
+        return Cuts(given, "--cut")
+    first, *hidden = trainer.tune_cut(model, progress)
     if trainer.dist.main:
-        console.print(f"C1/C2 tuned after a {cfg.cut_epochs}-epoch plain warm-up: C1={cut[0]:.4g}, C2={cut[1]:.4g}")
-    return cut, f"auto ({cfg.cut_epochs}-epoch warm-up)"
+        console.print(f"C1/C2 tuned after a {cfg.cut_epochs}-epoch plain warm-up: C1={first[0]:.4g}, C2={first[1]:.4g}")
+        for name, (c1, c2) in zip(trainer.lds_layers, hidden, strict=True):
+            console.print(f"  LDS layer {name}: C1={c1:.4g}, C2={c2:.4g}")
+    return Cuts(first, f"auto ({cfg.cut_epochs}-epoch warm-up)", dict(zip(trainer.lds_layers, hidden, strict=True)))
 
 
 def _score(row: dict[str, Any], select_by: str) -> float:
@@ -1036,8 +1114,7 @@ def _state(
     best_row: dict[str, Any] | None,
     rng: list[dict[str, Any]],
     skipped: int,
-    cut: tuple[float, float] | None,
-    cut_source: str,
+    cuts: Cuts,
 ) -> dict[str, Any]:
     """Resume state: tensors and plain values only, so it loads with torch.load(weights_only=True)."""
     return {
@@ -1049,8 +1126,9 @@ def _state(
         "best_score": best_score,
         "best_epoch": best_row.get("epoch") if best_row else None,
         "skipped": skipped,
-        "cut": list(cut) if cut else None,
-        "cut_source": cut_source,
+        "cut": list(cuts.input) if cuts.input else None,
+        "cut_source": cuts.source,
+        "lds_cuts": cuts.record()["lds_cuts"],
     }
 
 

@@ -55,6 +55,9 @@ class TrainConfig:
     eps: float = 0.01
     cut: str = "auto"
     cut_epochs: int = 5
+    lds: bool = False
+    lds_layers: str | None = None
+    lds_decay: float = 1.0
     rrr_lambda: float = 10.0
     select_by: str = "loss"
     device: str = "auto"
@@ -95,6 +98,7 @@ class TrainConfig:
             ("devices", self.devices >= 1, "at least 1"),
             ("val-fraction", 0.0 < self.val_fraction < 1.0, "a number in (0, 1)"),
             ("max-bad-steps", self.max_bad_steps >= 1, "at least 1"),
+            ("lds-decay", 0.0 <= self.lds_decay <= 1.0, "a number in [0, 1]"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -105,6 +109,10 @@ class TrainConfig:
             parse_cut(self.cut)
         except ValueError as exc:
             raise InputError(None, str(exc), "e.g. --cut auto or --cut 1,25") from exc
+        if self.lds and not self.uses_lrp_loss:
+            raise InputError(None, "--lds needs the LRP heatmap loss", "drop --lds, or train an ISNet variant")
+        if self.lds and self.cut != "auto":
+            raise InputError(None, "--lds tunes C1/C2 for every layer itself", "drop --cut (use --cut auto)")
         if not self.data:
             raise InputError(
                 None, "no training data given", "pass DATA (a manifest CSV or folder) or data: in --config"
@@ -113,6 +121,13 @@ class TrainConfig:
     @property
     def uses_lrp_loss(self) -> bool:
         return self.method == "isnet" and self.variant != "none"
+
+    @property
+    def lds_layer_names(self) -> list[str] | None:
+        """The --lds-layers list (None: the architecture's default)."""
+        if not self.lds_layers:
+            return None
+        return [name.strip() for name in self.lds_layers.split(",") if name.strip()]
 
     @property
     def needs_masks(self) -> bool:

@@ -414,3 +414,44 @@ def test_densenet_training_heatmap_keeps_little_for_the_backward() -> None:
     lrp = LRP(model)
     ratio = kept_bytes(lambda: lrp(x, "selective")) / kept_bytes(lambda: model(x))
     assert ratio < 1.8, ratio
+
+
+# ---------------------------------------------------------------------------------------------- hidden layers
+
+
+def test_hidden_layer_relevance_conserves_and_matches_the_explanation_path() -> None:
+    """Relevance recorded at hidden layers (LRP deep supervision): with ε → 0 and no biases every complete
+    cut through the network carries the logit; the training path (where a recorded ReLU inside a
+    BN-ReLU-conv chain must not be fused away) records what the explanation path records."""
+    from tests.tiny_models import small_resnet
+
+    torch.manual_seed(0)
+    model = small_resnet(num_classes=3).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.bias.data.zero_()
+    model.fc.bias.data.zero_()
+    lrp = LRP(model, epsilon=1e-9, hidden=["relu2", "pool", "transition"])
+    with torch.no_grad():
+        every = lrp(torch.rand(2, 1, 16, 16), "all")
+    assert set(lrp.hidden) == {"relu2", "pool", "transition"}
+    for name, r in lrp.hidden.items():
+        assert r.shape[:2] == every.shape[:2]
+        assert torch.allclose(r.flatten(2).sum(-1), lrp.logits, rtol=1e-4, atol=1e-6), name
+
+    dense = MiniDense().double().train()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    lean = LRP(dense, hidden=["relu_1", "bn2"])  # relu_1: u = relu(bn1(cat)), read by conv_b
+    lean(x, 1)
+    with torch.no_grad():
+        explained = LRP(dense, hidden=["relu_1", "bn2"])
+        explained(x, 1)
+    for name in ("relu_1", "bn2"):
+        assert lean.hidden[name].abs().sum() > 0
+        assert torch.allclose(lean.hidden[name], explained.hidden[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_unknown_hidden_layer_is_named() -> None:
+    with pytest.raises(ModelError, match=r"'stage9'.*c1, b1, p, c2, fc"):
+        LRP(_tiny(), hidden=["stage9"])

@@ -133,6 +133,23 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option(
     "--cut-epochs", type=int, default=_DEFAULTS.cut_epochs, show_default=True, help="Warm-up epochs for --cut auto."
 )
+@click.option(
+    "--lds/--no-lds",
+    default=_DEFAULTS.lds,
+    show_default=True,
+    help="LRP deep supervision: the heatmap loss also on hidden-layer relevance (own C1/C2 per layer).",
+)
+@click.option(
+    "--lds-layers",
+    help="Comma-separated module paths (or fx node names) for --lds (default: the architecture's stages).",
+)
+@click.option(
+    "--lds-decay",
+    type=float,
+    default=_DEFAULTS.lds_decay,
+    show_default=True,
+    help="GWRP decay over the per-layer losses (1 = mean, 0 = max).",
+)
 @click.option("--rrr-lambda", type=float, default=_DEFAULTS.rrr_lambda, show_default=True, help="RRR penalty weight.")
 @click.option(
     "--select-by",

@@ -9,6 +9,7 @@ the weights and activations with an ordinary backward.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,6 +59,9 @@ class LRP:
     concatenations, pass-through for element-wise activations, gates of multiplicative gating held
     constant. ``rule="zplus"`` / ``"alphabeta"`` (α = 2, β = 1) replace ε at conv/linear layers, for
     explanations only.
+
+    ``hidden``: layers (module paths such as ``"layer2"``, or fx node names) whose output relevance
+    each call also records in ``lrp.hidden[name]``, laid out as R (LRP deep supervision).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class LRP:
         rule: str = "epsilon",
         alpha: float = 2.0,
         beta: float = 1.0,
+        hidden: Sequence[str] = (),
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -88,7 +93,8 @@ class LRP:
         self.rule = rule
         self.alpha, self.beta = (1.0, 0.0) if rule == "zplus" else (float(alpha), float(beta))
         self.logits: torch.Tensor | None = None
-        self._plans = G.PlanCache(self.model)
+        self.hidden: dict[str, torch.Tensor] = {}
+        self._plans = G.PlanCache(self.model, hidden)
         self._plan = self._plans.get()[1]  # trace now: an untraceable or unsupported model fails here
 
     # ---------------------------------------------------------------- forward
@@ -141,15 +147,23 @@ class LRP:
         self.logits = logits
         kind, start = initial_message(logits, target)
         device_type = x.device.type if x.device.type in ("cuda", "cpu") else "cpu"
+        recorded: dict[fx.Node, torch.Tensor] = {}
         with torch.autocast(device_type=device_type, enabled=False):
-            relevance = self._reverse(plan, env, side, kind, start)
+            relevance = self._reverse(plan, env, side, kind, start, recorded)
         if relevance is None:
             relevance = torch.zeros((start.shape[0], *x.shape), dtype=start.dtype, device=x.device)
-        return relevance.transpose(0, 1) if isinstance(target, str) and target == "all" else relevance[0]
+        per_class = isinstance(target, str) and target == "all"
+
+        def layout(t: torch.Tensor) -> torch.Tensor:  # (K, B, ...) -> (B, K, ...) or (B, ...)
+            return t.transpose(0, 1) if per_class else t[0]
+
+        self.hidden = {name: layout(recorded[node]) for name, node in plan.hidden.items()}
+        return layout(relevance)
 
     # ---------------------------------------------------------------- reverse
-    def _reverse(self, plan, env, side, kind, start) -> torch.Tensor | None:
+    def _reverse(self, plan, env, side, kind, start, recorded) -> torch.Tensor | None:
         k = start.shape[0]
+        watched = set(plan.hidden.values())
         msgs: dict[fx.Node, Message] = {}
 
         def send(node: fx.Node, r: torch.Tensor | None = None, g: torch.Tensor | None = None) -> None:
@@ -163,6 +177,9 @@ class LRP:
         differentiating = torch.is_grad_enabled()
         for step in reversed(plan.steps):
             box = msgs.pop(step.node, None)
+            if step.node in watched:
+                value = _hp(env[step.node])
+                recorded[step.node] = value.new_zeros((k, *value.shape)) if box is None else self._total(*box, value)
             if box is None:
                 continue
             r, g = box

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +203,7 @@ class Plan:
     by_node: dict[fx.Node, Step]
     input_node: fx.Node
     output_node: fx.Node  # the node whose value is the model output (the logits)
+    hidden: dict[str, fx.Node] = field(default_factory=dict)  # layers whose relevance is recorded, by name
 
 
 class _Tracer(fx.Tracer):
@@ -405,8 +406,25 @@ def _through_pass(step: Step, by_node: dict[fx.Node, Step]) -> Step:
     return step
 
 
-def build_plan(gm: fx.GraphModule) -> Plan:
-    """Classify every node and mark BN fusion, gates and the first (LRP-zB) layer."""
+def layer_output(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node whose value is the output of module `name` (a dotted module path: its last node in the
+    graph), or the node called `name`; a `ModelError` naming candidates otherwise."""
+    nodes = list(gm.graph.nodes)
+    inside = [n for n in nodes if any(key.split("@")[0] == name for key in (n.meta.get("nn_module_stack") or {}))]
+    if inside:
+        return inside[-1]
+    by_name = next((n for n in nodes if n.name == name), None)
+    if by_name is not None and by_name.op not in ("placeholder", "output"):
+        return by_name
+    children = ", ".join(child for child, _ in gm.named_children()) or "none"
+    raise ModelError(
+        f"no layer {name!r} in the traced model; give a module path (top-level modules: {children}) or an fx node name"
+    )
+
+
+def build_plan(gm: fx.GraphModule, hidden: Sequence[str] = ()) -> Plan:
+    """Classify every node and mark BN fusion, gates and the first (LRP-zB) layer; `hidden` names the
+    layers whose relevance is recorded (module paths or node names)."""
     steps = [_classify(gm, node) for node in gm.graph.nodes]
     by_node = {s.node: s for s in steps}
     inputs = [s for s in steps if s.kind == INPUT]
@@ -439,18 +457,20 @@ def build_plan(gm: fx.GraphModule) -> Plan:
             and _through_pass(by_node[step.tensor_inputs[0]], by_node).kind == INPUT
         ):
             step.first = True
+    recorded = {name: layer_output(gm, name) for name in hidden}
+    kept = set(recorded.values())  # their relevance must arrive as a message of its own
     for step in steps:
         if step.kind in (CONV, LINEAR) and step.tensor_inputs and not step.first:
             act = by_node[step.tensor_inputs[0]]
-            if act.kind == ACT and len(act.node.users) == 1 and act.tensor_inputs:
+            if act.kind == ACT and len(act.node.users) == 1 and act.tensor_inputs and act.node not in kept:
                 bn = by_node[act.tensor_inputs[0]]
-                if bn.kind == BN and not bn.absorbed and len(bn.node.users) == 1:
+                if bn.kind == BN and not bn.absorbed and len(bn.node.users) == 1 and bn.node not in kept:
                     step.preact_bn = bn
-    _mark_releases(steps, by_node)
-    return Plan(steps, by_node, inputs[0].node, result)
+    _mark_releases(steps, by_node, kept)
+    return Plan(steps, by_node, inputs[0].node, result, recorded)
 
 
-def _mark_releases(steps: list[Step], by_node: dict[fx.Node, Step]) -> None:
+def _mark_releases(steps: list[Step], by_node: dict[fx.Node, Step], kept: set[fx.Node]) -> None:
     """Batch-norm outputs read only by element-wise activations are needed by the differentiating
     reverse pass for their shape alone (the BN and activation rules recompute or skip the value), while
     autograd keeps the activation's output, not its input: holding them would cost one activation per
@@ -458,7 +478,7 @@ def _mark_releases(steps: list[Step], by_node: dict[fx.Node, Step]) -> None:
     order = {s.node: i for i, s in enumerate(steps)}
     for step in steps:
         users = list(step.node.users)
-        if step.kind == BN and users and all(by_node[u].kind == ACT for u in users):
+        if step.kind == BN and users and step.node not in kept and all(by_node[u].kind == ACT for u in users):
             last = max(users, key=order.__getitem__)
             by_node[last].release_after.append(step.node)
 
@@ -470,13 +490,14 @@ class PlanCache:
     model is traced once per train/eval pattern and the plan is reused for every later call.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hidden: Sequence[str] = ()) -> None:
         self.model = model
+        self.hidden = tuple(hidden)
         self._plans: dict[tuple[bool, ...], tuple[fx.GraphModule, Plan]] = {}
 
     def get(self) -> tuple[fx.GraphModule, Plan]:
         key = tuple(m.training for m in self.model.modules())
         if key not in self._plans:
             gm = trace(self.model)
-            self._plans[key] = (gm, build_plan(gm))
+            self._plans[key] = (gm, build_plan(gm, self.hidden))
         return self._plans[key]
