@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from isnet_cli.backbones import build_model
-from isnet_cli.train import Objective, TrainConfig
+from isnet_cli.isnet.objective import Objective
+from isnet_cli.train_config import TrainConfig
 
 # (label, variant, number of classes)
 CASES = (

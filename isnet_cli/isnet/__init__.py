@@ -1,4 +1,5 @@
-"""The ISNet objective: heatmap loss (background GWRP + foreground band), RRR baseline, C1/C2 tuning."""
+"""The ISNet objective: heatmap loss (background GWRP + foreground band), RRR baseline, C1/C2 tuning, and
+the per-batch training objective (`isnet_cli.isnet.objective`, imported on its own: it needs the LRP engine)."""
 
 from isnet_cli.isnet.loss import HeatmapLoss, HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
 from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
