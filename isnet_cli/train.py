@@ -1,4 +1,5 @@
-"""ISNet training: configuration, the loop, the run folder, resume, and multi-process (DDP) training.
+"""ISNet training: data preparation, the loop, the run folder, resume, and multi-process (DDP) training
+(process-group plumbing in `isnet_cli.distributed`, the per-batch loss in `isnet_cli.isnet.objective`).
 
 One training step (variant `selective`, the default):
 
@@ -25,7 +26,6 @@ import math
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 from isnet_cli import runs
 from isnet_cli.checkpoint import save_checkpoint
 from isnet_cli.device import resolve_device
+from isnet_cli.distributed import Dist, process_group, spawn
 from isnet_cli.errors import InputError, IsnetError
 from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
 from isnet_cli.io.cache import file_digest
@@ -221,24 +222,6 @@ def _worker_init(_: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- runtime
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -754,28 +737,13 @@ def train(
 
 def _train_process(cfg: TrainConfig, resuming: bool, on_step: StepCallback | None = None) -> TrainResult:
     info = Dist.from_env()
-    started_pg = False
-    if info.world > 1 and not dist.is_initialized():
-        backend = (
-            "nccl" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "gloo"
-        )
-        dist.init_process_group(backend=backend)
-        started_pg = True
     stop = _Stop()
     stop.install()
-    finished = False
     try:
-        result = _run(cfg, resuming, info, stop, on_step)
-        finished = True
-        return result
+        with process_group(info, cfg.device):
+            return _run(cfg, resuming, info, stop, on_step)
     finally:
         stop.uninstall()
-        if started_pg:
-            if finished:
-                # no rank may tear down its connections while another is still inside a collective:
-                # gloo then aborts the slower process (SIGABRT) at the very end of a good run
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: StepCallback | None) -> TrainResult:
@@ -1015,19 +983,6 @@ def _check_agreement(model: nn.Module, trainer: Trainer) -> None:
 # ---------------------------------------------------------------------------------------------- spawning
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_entry(rank: int, cfg: TrainConfig, resuming: bool, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
-    )
-    _train_process(cfg, resuming)
-
-
 def _spawn(cfg: TrainConfig, resuming: bool) -> TrainResult:
     """`--devices N`: N processes on this machine (one GPU each, or gloo on CPU), like torchrun."""
     import torch.multiprocessing as mp
@@ -1035,9 +990,7 @@ def _spawn(cfg: TrainConfig, resuming: bool) -> TrainResult:
     if not resuming:
         cfg = dataclasses.replace(cfg, name=resolve_run_dir(cfg).name)
     try:
-        mp.start_processes(
-            _spawn_entry, args=(cfg, resuming, cfg.devices, _free_port()), nprocs=cfg.devices, start_method="spawn"
-        )
+        spawn(_train_process, (cfg, resuming), cfg.devices)
     except mp.ProcessRaisedException as exc:
         # the child's traceback ends with "module.ExceptionType: message": keep the type's exit code
         kind, _, message = str(exc).strip().splitlines()[-1].partition(": ")

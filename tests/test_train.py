@@ -202,7 +202,7 @@ def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, t
     import torch.multiprocessing as mp
 
     from isnet_cli.backbones import build_model
-    from isnet_cli.train import _free_port
+    from isnet_cli.distributed import free_port
 
     cfg = TrainConfig(
         data=str(tiny_data),
@@ -213,7 +213,7 @@ def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, t
         name="ddp",
         cache=str(tmp_path / "cache"),
     )
-    mp.start_processes(_ddp_worker, args=(cfg, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(cfg, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in w0:
@@ -225,6 +225,25 @@ def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, t
     saved = load_file(str(tmp_path / "runs" / "ddp" / "last.safetensors"))
     assert torch.equal(saved["classifier.weight"], w0["classifier.weight"])
     assert json.loads((tmp_path / "runs" / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+def test_devices_2_spawns_two_processes_and_returns_the_run(tiny_data: Path, tmp_path: Path) -> None:
+    """`isnet train --devices 2` on CPU: two gloo processes, one run folder written by rank 0."""
+    result = train(
+        TrainConfig(
+            data=str(tiny_data),
+            **dict(TINY, epochs=1),
+            cut="1,25",
+            device="cpu",
+            devices=2,
+            out=str(tmp_path),
+            name="spawned",
+        )
+    )
+    assert result.run_dir == tmp_path / "spawned"
+    assert json.loads((result.run_dir / "config.json").read_text())["world_size"] == 2
+    assert result.last is not None and np.isfinite(float(result.last["train_loss"]))
+    assert (result.run_dir / "last.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- variants
