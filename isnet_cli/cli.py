@@ -5,6 +5,7 @@ Command modules import torch lazily, so that `isnet predict --model m.onnx` neve
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -46,4 +47,9 @@ def main() -> None:
     except IsnetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    code = rc if isinstance(rc, int) else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: see distributed.exit_worker
+        from isnet_cli.distributed import exit_worker
+
+        exit_worker(code)
+    sys.exit(code)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -67,16 +68,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a finished process of a multi-process run at once: flush stdout/stderr, then `os._exit`.
+
+    Skipping the interpreter's teardown is deliberate: in CI a finished gloo worker, its files all
+    written, was sometimes aborted after its run (SIGABRT, "terminate called without an active
+    exception", the message of a C++ thread object destroyed while still joinable, as teardown does),
+    which turned a good run into a failed one.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _entry(rank: int, fn: Callable[..., Any], args: tuple[Any, ...], world: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
-    fn(*args)
+    fn(*args)  # an exception propagates to torch.multiprocessing, which reports it to the parent
+    exit_worker(0)
 
 
 def spawn(fn: Callable[..., Any], args: tuple[Any, ...], processes: int) -> None:
-    """Run fn(*args) in `processes` fresh processes with the torchrun environment set; a failure in any
-    of them raises torch.multiprocessing.ProcessRaisedException (its message ends with the child's
+    """Run fn(*args) in `processes` fresh processes with the torchrun environment set (each leaves through
+    `exit_worker` when fn returns); a failure in any of them raises
+    torch.multiprocessing.ProcessRaisedException (its message ends with the child's
     "module.ExceptionType: message")."""
     import torch.multiprocessing as mp
 

@@ -188,21 +188,18 @@ def test_ctrl_c_saves_last_and_exits_130_then_resume_finishes(tiny_data: Path, t
 # ---------------------------------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, cfg: TrainConfig, port: int, out: str) -> None:
+def _ddp_worker(cfg: TrainConfig, out: str) -> None:
+    """One process of a torchrun-style run (RANK etc. set by `distributed.spawn`): train, keep the weights."""
     from isnet_cli.train import _train_process
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
-    )
     result = _train_process(cfg, resuming=False)
-    torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    torch.save(state, f"{out}/rank{os.environ['RANK']}.pt")
 
 
 def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
     from isnet_cli.backbones import build_model
-    from isnet_cli.distributed import free_port
+    from isnet_cli.distributed import spawn
 
     cfg = TrainConfig(
         data=str(tiny_data),
@@ -213,7 +210,7 @@ def test_ddp_two_cpu_processes_train_and_agree_on_the_weights(tiny_data: Path, t
         name="ddp",
         cache=str(tmp_path / "cache"),
     )
-    mp.start_processes(_ddp_worker, args=(cfg, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn(_ddp_worker, (cfg, str(tmp_path)), 2)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in w0:
@@ -244,6 +241,24 @@ def test_devices_2_spawns_two_processes_and_returns_the_run(tiny_data: Path, tmp
     assert json.loads((result.run_dir / "config.json").read_text())["world_size"] == 2
     assert result.last is not None and np.isfinite(float(result.last["train_loss"]))
     assert (result.run_dir / "last.safetensors").is_file()
+
+
+def test_a_finished_worker_exits_at_once_with_its_output_flushed(tmp_path: Path) -> None:
+    """Workers of a multi-process run leave through `exit_worker` (os._exit, no interpreter teardown):
+    buffered output must still arrive, and the exit code must be the command's."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output to a pipe is buffered
+    code = "from isnet_cli.distributed import exit_worker\nprint('all written', end='')\nexit_worker(3)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=buffered, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (3, "all written")
+    # a torchrun worker running a CLI command (WORLD_SIZE > 1) takes the same exit
+    env = {**buffered, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "phantoms"
+    args = [sys.executable, "-m", "isnet_cli", "data", "synth", str(out), "--n", "4", "--size", "32", "--no-progress"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 4 png phantoms" in done.stdout + done.stderr and (out / "manifest.csv").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- variants
