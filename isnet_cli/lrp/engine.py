@@ -420,18 +420,24 @@ class LRP:
         else:
             msg = self._message(step, r, g, y, env, differentiating, shift_in=z_shift)
         if differentiating and step.preact_bn is not None:
-            self._preact_bn(step.preact_bn, a, transpose(msg, weight), env, side, send)
+            # BN → activation → this op in one step: the relevance a ⊙ c at the activation reaches the
+            # BN output unchanged, and the BN's message takes it as factor a and c, so the product
+            # a ⊙ c is never kept for the backward
+            bn = step.preact_bn
+            c = transpose(msg, weight)
+            send(bn.tensor_inputs[0], g=self._bn_message(bn, c, None, env, side, factor=a))
             return
         send(src, r=a * transpose(msg, weight))
 
-    def _preact_bn(self, bn, a, c, env, side, send) -> None:
-        """The rules of BN → activation → this linear op at once, when differentiating: the relevance
-        a ⊙ c at the activation passes to the BN output unchanged, and the BN sends its gradient message
-        scale ⊙ (a ⊙ c) / stab(z_BN) without the product a ⊙ c ever being kept for the backward."""
-        src = bn.tensor_inputs[0]
-        x = _hp(env[src])
+    def _bn_message(self, bn, r, g, env, side, factor=None) -> torch.Tensor:
+        """When differentiating: the gradient message scale ⊙ R / stab(z_BN) a non-fused BN sends to its
+        input x, z_BN = scale ⊙ x + shift with the shift detached; R = r + z_BN ⊙ g, or factor ⊙ r."""
+        x = _hp(env[bn.tensor_inputs[0]])
         scale, shift = rules.bn_affine(bn.module, x, side.get(bn.node))
-        send(src, g=rules.epsilon_divide(c, x, self.epsilon, scale, shift.detach(), scale_out=scale, factor=a))
+        shift = shift.detach()
+        if g is not None:
+            r = self._total(r, g, rules.affine(x, scale, shift))
+        return rules.epsilon_divide(r, x, self.epsilon, scale, shift, scale_out=scale, factor=factor)
 
     _rule_linear = _rule_conv
 
@@ -445,13 +451,10 @@ class LRP:
         if step.absorbed:
             send(src, r=r, g=g)
             return
-        x = _hp(env[src])
-        scale, shift = rules.bn_affine(step.module, x, side.get(step.node))
-        if differentiating:  # z = scale ⊙ x + shift, the shift detached
-            shift = shift.detach()
-            r = r if g is None else self._total(r, g, rules.affine(x, scale, shift))
-            send(src, g=self._divide(step, r, x, env, True, scale, shift, scale_out=scale))
+        if differentiating:
+            send(src, g=self._bn_message(step, r, g, env, side))
             return
+        scale, _ = rules.bn_affine(step.module, _hp(env[src]), side.get(step.node))
         z = _hp(env[step.node])
         send(src, g=self._divide(step, self._total(r, g, z), z, env, False, scale_out=scale))
 
