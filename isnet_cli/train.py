@@ -100,6 +100,12 @@ def _content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _first(problems: Sequence[str], shown: int, sep: str) -> str:
+    """The first `shown` problems joined by `sep`, and how many more there are."""
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return sep.join(problems[:shown]) + more
+
+
 def _check_labels(samples: Sequence[Any], classes: Sequence[str], source: str, need_masks: bool) -> None:
     """Every sample labelled with a known class (and masked where needed); one error lists the problems."""
     problems = []
@@ -111,10 +117,9 @@ def _check_labels(samples: Sequence[Any], classes: Sequence[str], source: str, n
         elif need_masks and s.mask is None:
             problems.append(f"{s.image}: no mask (ISNet training needs a lung mask for every training image)")
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(
             source,
-            f"{len(problems)} bad sample(s): " + "; ".join(problems[:3]) + more,
+            f"{len(problems)} bad sample(s): " + _first(problems, 3, "; "),
             "fix the manifest, pass --classes listing every class, or use --variant none for unmasked data",
         )
 
@@ -349,10 +354,9 @@ class Trainer:
                         progress.advance(task)
         problems = self.gather(problems)[0]
         if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise InputError(
                 None,
-                f"{len(problems)} unusable training file(s): " + " | ".join(problems[:5]) + more,
+                f"{len(problems)} unusable training file(s): " + _first(problems, 5, " | "),
                 "fix or remove them from the manifest (`isnet data check` lists them all)",
             )
 
