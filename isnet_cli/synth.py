@@ -136,21 +136,49 @@ def make_phantom(
     img += 0.03 * _smooth_noise(rng, size, 6)
     img += rng.normal(0.0, 0.012, img.shape).astype(np.float32)
 
-    # Marker: bright glyph in a corner, placed only where the body (hence the lungs) is absent.
+    # Marker: bright glyph in a top corner, outside the body ellipse (hence outside the lungs).
     if marker:
-        glyph = _GLYPHS[int(marker_rng.integers(0, len(_GLYPHS)))]
-        cell = max(1, round(s / 32))
-        g = np.kron(glyph, np.ones((cell, cell), int)).astype(bool)
-        gh, gw = g.shape
-        margin = max(1, round(s * 0.03))
-        corner = int(marker_rng.integers(0, 2))  # top-left or top-right: always outside the body ellipse
-        y0 = margin
-        x0 = margin if corner == 0 else size - margin - gw
-        patch = img[y0 : y0 + gh, x0 : x0 + gw]
-        free = ~body[y0 : y0 + gh, x0 : x0 + gw]
-        patch[g & free] = float(marker_rng.uniform(0.9, 1.0))
+        draw_marker(img, ~body, marker_rng)
 
     return Phantom(np.clip(img, 0.0, 1.0).astype(np.float32), mask, label, marker)
+
+
+def draw_marker(img: np.ndarray, free: np.ndarray, rng: np.random.Generator) -> None:
+    """Burn a bright letter-like glyph ("L", "R", "A"; cell size S/32) into a top corner of `img` in place,
+    only on pixels where `free` is True (outside the body or the lungs)."""
+    size = img.shape[0]
+    glyph = _GLYPHS[int(rng.integers(0, len(_GLYPHS)))]
+    cell = max(1, round(size / 32))
+    g = np.kron(glyph, np.ones((cell, cell), int)).astype(bool)
+    gh, gw = g.shape
+    margin = max(1, round(size * 0.03))
+    corner = int(rng.integers(0, 2))  # top-left or top-right
+    y0 = margin
+    x0 = margin if corner == 0 else img.shape[1] - margin - gw
+    patch = img[y0 : y0 + gh, x0 : x0 + gw]
+    patch[g & free[y0 : y0 + gh, x0 : x0 + gw]] = float(rng.uniform(0.9, 1.0))
+
+
+def implant_lesion(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, contrast: float, sigma_fraction: float = 0.07
+) -> np.ndarray:
+    """A round opacity inside the lungs of a real radiograph (float image in [0, 1], bool lung mask).
+
+    A Gaussian bump of peak `contrast` and sigma `sigma_fraction`·S, centred on a random lung pixel at
+    least one sigma from the lung border where there is one, added inside the mask only (the label lives
+    in the lungs, as in the phantoms). Returns a new image.
+    """
+    from PIL import Image, ImageFilter
+
+    size = image.shape[0]
+    sigma = sigma_fraction * size
+    window = 2 * max(1, round(sigma)) + 1  # erosion by a square of this side: the centre keeps off the border
+    inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(window))) > 0
+    ys, xs = np.nonzero(inner if inner.any() else mask)
+    i = int(rng.integers(0, len(ys)))
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float32)
+    bump = _blob(yy, xx, ys[i] + 0.5, xs[i] + 0.5, sigma) * contrast * float(rng.uniform(0.9, 1.1))
+    return np.clip(image + bump * mask, 0.0, 1.0).astype(np.float32)
 
 
 def marker_probability(bias: Bias, label: int) -> float:
