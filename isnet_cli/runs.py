@@ -38,6 +38,22 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "lr",
     "skipped_steps",
     "seconds",
+    "health",
+)
+# steps.csv columns: one row per training step (warm-up included), see `isnet_cli.train.step_diagnostics`.
+STEP_COLUMNS: tuple[str, ...] = (
+    "phase",
+    "epoch",
+    "step",
+    "loss",
+    "ce",
+    "background",
+    "foreground",
+    "relevance_mass",
+    "logit_range",
+    "grad_norm",
+    "grad_ce",
+    "grad_heat",
 )
 
 
@@ -69,13 +85,14 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rewrite metrics.csv with all rows (atomic; a resumed run keeps the earlier epochs)."""
+def write_metrics(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
+    """Rewrite metrics.csv (or steps.csv, with STEP_COLUMNS) with all rows (atomic; a resumed run keeps
+    the earlier rows)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
     write_text(path, buf.getvalue())
 
 
@@ -135,6 +152,40 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     _save_figure(fig, path)
 
 
+def plot_steps(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """diagnostics.png: per training step, the loss terms, the relevance mass and logit range, and the
+    gradient norms (total before clipping, CE part, heatmap part); the warm-up shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(i, float(r[key])) for i, r in enumerate(rows) if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [max(p[1], 1e-12) for p in pts]
+
+    panels = (
+        ("loss terms", ("ce", "background", "foreground")),
+        ("scale", ("relevance_mass", "logit_range")),
+        ("gradient norms", ("grad_norm", "grad_ce", "grad_heat")),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    warm = [i for i, r in enumerate(rows) if r.get("phase") != "train"]
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            xs, ys = series(key)
+            if xs:
+                ax.plot(xs, ys, "." if key.startswith("grad_") and key != "grad_norm" else "-", label=key, lw=0.8)
+        if warm:
+            ax.axvspan(min(warm), max(warm), color="0.9", label="plain warm-up")
+        ax.set(title=title, xlabel="step", yscale="log")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def heatmap_grid(
     path: Path, images: np.ndarray, relevance: np.ndarray, masks: np.ndarray, titles: Sequence[str]
 ) -> None:
@@ -173,7 +224,9 @@ def _save_figure(fig: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- card
 
 
-def model_card(config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any] | None, run_dir: Path) -> str:
+def model_card(
+    config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any] | None, run_dir: Path, health: str = ""
+) -> str:
     """card.md: what the model is, what it was trained on, how well it did, and how to use it."""
     isnet = meta.get("isnet", {})
     data = meta.get("data", {})
@@ -213,7 +266,8 @@ def model_card(config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any
         "## Training",
         f"- variant `{variant}`, method `{isnet.get('method')}`, P={isnet.get('P')}, d={isnet.get('d')}, "
         f"E={isnet.get('E')}, A={isnet.get('A')}, B={isnet.get('B')}, LRP eps={isnet.get('eps')}, "
-        f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')})" + _lds_text(isnet),
+        f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')}), "
+        f"background swap {isnet.get('background_swap', 0)}" + _lds_text(isnet),
         f"- optimizer {config.get('optimizer')} lr {config.get('lr')}, {config.get('epochs')} epochs, batch "
         f"{config.get('batch_size')}, scheduler {config.get('scheduler')}, seed {config.get('seed')}, "
         f"deterministic {config.get('deterministic')}",
@@ -236,6 +290,8 @@ def model_card(config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any
         lines.append(f"- selected by: {config.get('select_by')}")
     else:
         lines.append("- no completed epoch")
+    if health:
+        lines += ["", "## Training health", f"- {health}"]
     lines += [
         "",
         "`val_share_inside` is the mean fraction of the absolute LRP relevance that falls inside the mask",

@@ -45,15 +45,18 @@ from isnet_cli.device import resolve_device
 from isnet_cli.distributed import Dist, process_group, spawn
 from isnet_cli.errors import InputError, IsnetError
 from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
+from isnet_cli.health import Health, assess, epoch_status
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss
 from isnet_cli.isnet.objective import TARGETS, Cuts, Objective, hidden_map, lds_layers, make_lrp, relevance_stats
+from isnet_cli.isnet.swap import swap_backgrounds
 from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
 from isnet_cli.progress import console, make_progress, progress_enabled
 from isnet_cli.train_config import TrainConfig
 
 STATE_FILE = "last.state.pt"
+STEPS_FILE = "steps.csv"
 
 
 class TrainingInterrupted(IsnetError):
@@ -76,6 +79,7 @@ class TrainResult:
     cut: tuple[float, float] | None
     model: nn.Module | None = None
     skipped_steps: int = 0
+    health: Health | None = None  # did the run learn (see isnet_cli.health)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -297,6 +301,44 @@ class _Stop:
         console.print("[yellow]Ctrl-C: finishing this step and saving 'last' (press again to abort)[/yellow]")
 
 
+# steps.csv: the per-term gradient norms cost one extra plain backward, so only every this many steps.
+GRAD_TERMS_EVERY = 10
+
+
+def gradient_split(model: nn.Module, ce_grads: list[torch.Tensor | None], ce_weight: float) -> tuple[float, float]:
+    """Norms of the CE part (1-P)·∂CE/∂θ of the current (unclipped) gradient and of the rest, the heatmap part."""
+    ce_sq = heat_sq = 0.0
+    for p, g in zip((p for p in model.parameters() if p.requires_grad), ce_grads, strict=True):
+        if p.grad is None:
+            continue
+        ce_part = ce_weight * g if g is not None else torch.zeros_like(p.grad)
+        ce_sq += float(ce_part.double().pow(2).sum())
+        heat_sq += float((p.grad - ce_part).double().pow(2).sum())
+    return math.sqrt(ce_sq), math.sqrt(heat_sq)
+
+
+def step_diagnostics(
+    phase: str, epoch: int, step: int, out: Any, norm: torch.Tensor | None, split: tuple[float, float] | None
+) -> dict[str, Any]:
+    """One steps.csv row: the loss terms, the explained quantity's relevance mass (Σ|R|), the logit range,
+    the gradient norm before clipping and, every `GRAD_TERMS_EVERY` steps, its CE and heatmap parts."""
+    logits = out.logits.float()
+    return {
+        "phase": phase,
+        "epoch": epoch + 1,
+        "step": step + 1,
+        "loss": out.loss.item(),
+        "ce": out.ce.item(),
+        "background": out.background.item(),
+        "foreground": out.foreground.item(),
+        "relevance_mass": out.mass.mean().item() if out.mass is not None else None,
+        "logit_range": (logits.amax(1) - logits.amin(1)).mean().item(),
+        "grad_norm": norm.item() if norm is not None else None,
+        "grad_ce": split[0] if split else None,
+        "grad_heat": split[1] if split else None,
+    }
+
+
 # on_step(epoch, steps done in this epoch) -> True to stop as Ctrl-C does (for embedding and tests).
 StepCallback = Callable[[int, int], bool | None]
 
@@ -314,6 +356,7 @@ class Trainer:
         self.lds_layers: tuple[str, ...] = ()  # hidden layers of LRP deep supervision
         self._explainer: Any = None
         self._explainer_model: nn.Module | None = None
+        self.step_rows: list[dict[str, Any]] = []  # steps.csv (rank 0)
 
     # -- setup ----------------------------------------------------------------------------------
     def datasets(self, data: DataBundle) -> None:
@@ -468,18 +511,28 @@ class Trainer:
         p_now = cfg.P * min(1.0, epoch / cfg.ramp) if cfg.ramp else cfg.P
         for x, mask, y in loader:
             x, mask, y = (t.to(self.device, non_blocking=True) for t in (x, mask, y))
+            if cfg.background_swap > 0:
+                g = torch.Generator().manual_seed(
+                    (cfg.seed * 1_000_003 + epoch) * 100_003 + step * self.dist.world + self.dist.rank
+                )
+                x = swap_backgrounds(x, mask, cfg.background_swap, g)
             opt.zero_grad(set_to_none=True)
             out = objective(x, mask, y, heat=heat, P=p_now)
             if collect_mass is not None:
                 for stats, masses in zip(collect_mass, self._mass(objective, x, mask), strict=True):
                     stats.update(masses.tolist())
             bad = not bool(torch.isfinite(out.loss))
+            ce_grads = self._ce_gradients(model, out, heat and p_now > 0 and step % GRAD_TERMS_EVERY == 0)
             if not bad:
                 out.loss.backward()
             bad, stop = self.sync_gradients(model, bad)
+            norm, split = None, None
             if not bad:
+                split = gradient_split(model, ce_grads, 1.0 - p_now) if ce_grads is not None else None
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 bad = not bool(torch.isfinite(norm))
+            if self.dist.main:
+                self.step_rows.append(step_diagnostics(label, epoch, step, out, norm, split))
             if bad:
                 consecutive_bad += 1
                 self.skipped_total += 1
@@ -523,6 +576,13 @@ class Trainer:
             sums = sums.cpu()
         return self._means(sums), step, False
 
+    def _ce_gradients(self, model: nn.Module, out: Any, wanted: bool) -> list[torch.Tensor | None] | None:
+        """∂CE/∂θ alone (before the full backward), for the per-term gradient norms of steps.csv."""
+        if not wanted or self.dist.world > 1 or self.cfg.method != "isnet" or not out.ce.requires_grad:
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        return list(torch.autograd.grad(out.ce, params, retain_graph=True, allow_unused=True))
+
     @staticmethod
     def _means(sums: torch.Tensor) -> dict[str, float]:
         n = float(sums[4]) or float("nan")
@@ -550,9 +610,10 @@ class Trainer:
         return self._explainer
 
     # -- C1/C2 ----------------------------------------------------------------------------------
-    def tune_cut(self, model: nn.Module, progress: Any) -> list[tuple[float, float]]:
-        """Warm up a throw-away copy with CE only for `cut_epochs`, collect Σ|R| in the last epoch (Welford);
-        (C1, C2) of the input map, then of each LDS layer."""
+    def tune_cut(self, model: nn.Module, progress: Any, keep_weights: bool = False) -> list[tuple[float, float]]:
+        """Warm up a copy with CE only for `cut_epochs`, collect Σ|R| in the last epoch (Welford);
+        (C1, C2) of the input map, then of each LDS layer. `keep_weights`: `model` continues from the
+        warmed-up weights (otherwise the copy is thrown away, as the reference does)."""
         cfg = self.cfg
         warm = copy.deepcopy(model)
         objective = Objective(dataclasses.replace(cfg, variant="none", method="isnet"), warm, self.device, None)
@@ -579,6 +640,8 @@ class Trainer:
             for part in per_rank:
                 merged = merged.merge(part)
             cuts.append(cut_from_stats(merged.mean, merged.std))
+        if keep_weights:
+            model.load_state_dict(warm.state_dict())
         return cuts
 
     # -- validation -------------------------------------------------------------------------------------
@@ -705,6 +768,7 @@ def _meta(
         **cuts.record(),
         "lds_decay": cfg.lds_decay if cuts.hidden else None,
         "rrr_lambda": cfg.rrr_lambda if cfg.method == "rrr" else None,
+        "background_swap": cfg.background_swap,
     }
     return {
         "arch": cfg.arch,
@@ -798,6 +862,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
             best_score = state.get("best_score")
             trainer.skipped_total = int(state.get("skipped", 0))
             rows = [r for r in runs.read_metrics(run_dir / "metrics.csv") if int(r["epoch"]) <= start_epoch]
+            trainer.step_rows = runs.read_metrics(run_dir / STEPS_FILE)
             best_row = next((r for r in rows if str(r["epoch"]) == str(state.get("best_epoch"))), None)
             set_rng_state(state["rng"][info.rank])
             if info.main:
@@ -809,6 +874,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 **dataclasses.asdict(cfg),
                 "name": run_dir.name,
                 **cuts.record(),
+                "background_swap": cfg.background_swap,
                 "classes": data.classes,
                 "world_size": info.world,
                 "contract": trainer.contract.to_dict(),
@@ -820,6 +886,8 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 header=f"# isnet train --config {run_dir / 'config.yaml'}   (recipe of run {run_dir.name})\n",
             )
         meta = lambda row: _meta(cfg, data.classes, trainer.contract, cuts, data, row)  # noqa: E731
+        val_counts = data.summary["val_counts"].values()
+        majority = max(val_counts) / max(1, sum(val_counts))
 
         last_row = rows[-1] if rows else None
         for epoch in range(start_epoch, cfg.epochs):
@@ -833,6 +901,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     save_checkpoint(run_dir / "last.safetensors", model, meta({"epoch": epoch, "partial_steps": step}))
                     state = _state(opt, sched, epoch, step, best_score, best_row, rng, trainer.skipped_total, cuts)
                     _write_state(run_dir, state)
+                    runs.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, runs.STEP_COLUMNS)
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch + 1}, step {step}: saved {run_dir / 'last.safetensors'}; "
                     f"continue with: isnet train --resume {run_dir}"
@@ -856,6 +925,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 "skipped_steps": trainer.skipped_total,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
+            row["health"] = epoch_status(row, majority, len(data.classes), cfg.uses_lrp_loss)
             if sched is not None:
                 sched.step()
             score = _score(row, cfg.select_by)
@@ -874,11 +944,14 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 state = _state(opt, sched, epoch + 1, 0, best_score, best_row, rng, trainer.skipped_total, cuts)
                 _write_state(run_dir, state)
                 runs.write_metrics(run_dir / "metrics.csv", rows)
+                runs.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, runs.STEP_COLUMNS)
                 runs.plot_curves(run_dir / "curves.png", rows)
+                runs.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
                 trainer.heatmap_figure(model, objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
+                health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
                 runs.write_text(
                     run_dir / "card.md",
-                    runs.model_card(dataclasses.asdict(cfg), meta(best_row or row), best_row, run_dir),
+                    runs.model_card(dataclasses.asdict(cfg), meta(best_row or row), best_row, run_dir, health.message),
                 )
                 _report_epoch(row, cfg, improved)
             if stopped and epoch + 1 < cfg.epochs:
@@ -887,7 +960,10 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     f"continue with: isnet train --resume {run_dir}"
                 )
         _check_agreement(model, trainer)
-    return TrainResult(run_dir, best_row, last_row, cuts.input, model, trainer.skipped_total)
+    health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
+    if info.main and not health.ok:
+        console.print(f"[yellow]warning: {health.message}[/yellow]", soft_wrap=True)
+    return TrainResult(run_dir, best_row, last_row, cuts.input, model, trainer.skipped_total, health)
 
 
 def _stats_column() -> Any:
@@ -908,7 +984,7 @@ def _resolve_cut(
     given = parse_cut(cfg.cut)
     if given is not None:
         return Cuts(given, "--cut")
-    first, *hidden = trainer.tune_cut(model, progress)
+    first, *hidden = trainer.tune_cut(model, progress, keep_weights=cfg.warm_start)
     if trainer.dist.main:
         console.print(f"C1/C2 tuned after a {cfg.cut_epochs}-epoch plain warm-up: C1={first[0]:.4g}, C2={first[1]:.4g}")
         for name, (c1, c2) in zip(trainer.lds_layers, hidden, strict=True):

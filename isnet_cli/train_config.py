@@ -18,7 +18,9 @@ METHODS = ("isnet", "rrr")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
 SELECT_BY = ("loss", "accuracy", "auroc", "macro_f1")
-# variant -> the LRP target explained during training ("original": one map per class).
+# Default --bg-swap of the ISNet variants: every training image gets another image's background
+# (measured in benchmarks/convergence.py: 0.5 left the model using the marker a little).
+ISNET_BG_SWAP = 1.0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TrainConfig:
     resize: str = "letterbox"
     window: str = "dicom-window"
     augment: bool = False
+    bg_swap: float | None = None  # None: ISNET_BG_SWAP with the heatmap loss, else 0 (see background_swap)
     batch_size: int = 16
     epochs: int = 30
     lr: float = 1e-3
@@ -55,6 +58,7 @@ class TrainConfig:
     eps: float = 0.01
     cut: str = "auto"
     cut_epochs: int = 5
+    warm_start: bool = False
     lds: bool = False
     lds_layers: str | None = None
     lds_decay: float = 1.0
@@ -95,6 +99,7 @@ class TrainConfig:
             ("lr", self.lr > 0, "a positive number"),
             ("cut-epochs", self.cut_epochs >= 1, "at least 1"),
             ("ramp", self.ramp >= 0, "0 or more epochs"),
+            ("bg-swap", self.bg_swap is None or 0.0 <= self.bg_swap <= 1.0, "a probability in [0, 1]"),
             ("devices", self.devices >= 1, "at least 1"),
             ("val-fraction", 0.0 < self.val_fraction < 1.0, "a number in (0, 1)"),
             ("max-bad-steps", self.max_bad_steps >= 1, "at least 1"),
@@ -111,6 +116,12 @@ class TrainConfig:
             raise InputError(None, str(exc), "e.g. --cut auto or --cut 1,25") from exc
         if self.lds and not self.uses_lrp_loss:
             raise InputError(None, "--lds needs the LRP heatmap loss", "drop --lds, or train an ISNet variant")
+        if self.warm_start and (not self.uses_lrp_loss or self.cut != "auto"):
+            raise InputError(
+                None,
+                "--warm-start continues from the C1/C2 warm-up of an ISNet (--cut auto)",
+                "drop --warm-start",
+            )
         if self.lds and self.cut != "auto":
             raise InputError(None, "--lds tunes C1/C2 for every layer itself", "drop --cut (use --cut auto)")
         if not self.data:
@@ -131,7 +142,16 @@ class TrainConfig:
 
     @property
     def needs_masks(self) -> bool:
-        return self.uses_lrp_loss or self.method == "rrr"
+        return self.uses_lrp_loss or self.method == "rrr" or self.background_swap > 0
+
+    @property
+    def background_swap(self) -> float:
+        """Probability of the background-swap augmentation: --bg-swap, or by default ISNET_BG_SWAP for the
+        ISNet variants (the heatmap loss cannot see a background feature that switches units off; see
+        `isnet_cli.isnet.swap`) and 0 for the standard classifier and RRR, which stay the plain methods."""
+        if self.bg_swap is not None:
+            return self.bg_swap
+        return ISNET_BG_SWAP if self.uses_lrp_loss else 0.0
 
     def recipe(self) -> dict[str, Any]:
         """The YAML recipe: every training option, data paths absolute; `name` and `no_progress` left out

@@ -33,7 +33,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def shortcut_runs(tmp_path_factory: pytest.TempPathFactory):
-    """A `none` baseline and a `selective` ISNet trained on shortcut-biased phantoms (see tests/shortcut.py)."""
-    from tests.shortcut import train_shortcut_pair
+    """A `none` baseline and default ISNets (two seeds) trained on shortcut-biased phantoms (tests/shortcut.py)."""
+    from tests.shortcut import train_shortcut_runs
 
-    return train_shortcut_pair(tmp_path_factory.mktemp("shortcut"))
+    return train_shortcut_runs(tmp_path_factory.mktemp("shortcut"))

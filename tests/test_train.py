@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from isnet_cli.checkpoint import read_meta
 from isnet_cli.commands.train import command as train_command
 from isnet_cli.errors import InputError
-from isnet_cli.runs import METRIC_COLUMNS, read_metrics
+from isnet_cli.runs import METRIC_COLUMNS, STEP_COLUMNS, read_metrics
 from isnet_cli.synth import synthesize
 from isnet_cli.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 from tests.shortcut import score
@@ -40,19 +40,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_mission_isnet_ignores_the_background_shortcut_that_the_baseline_learns(shortcut_runs) -> None:
+    """The default recipe on ResNet-18, two seeds: both ISNets learn the lesion and ignore the marker."""
     r = shortcut_runs
-    base = {name: score(r.baseline, getattr(r, name)) for name in ("test_biased", "test_clean", "test_flipped")}
-    isnet = {name: score(r.isnet, getattr(r, name)) for name in ("test_biased", "test_clean", "test_flipped")}
+    sets = ("test_biased", "test_clean", "test_flipped")
+    base = {name: score(r.baseline, getattr(r, name)) for name in sets}
     # the standard classifier learned the marker: perfect with it, wrong when it is flipped
     assert base["test_biased"].accuracy >= 0.95
     assert base["test_flipped"].accuracy <= 0.30
-    # the ISNet learned the lesion: the marker does not matter
-    assert isnet["test_flipped"].accuracy >= 0.80
-    assert abs(isnet["test_clean"].accuracy - isnet["test_flipped"].accuracy) <= 0.10
-    assert isnet["test_biased"].accuracy >= 0.80
-    # and its relevance is in the lungs, the baseline's is not
-    assert isnet["test_flipped"].share_inside >= 0.6
-    assert isnet["test_flipped"].share_inside >= base["test_flipped"].share_inside + 0.35
+    for run in r.isnets:
+        isnet = {name: score(run, getattr(r, name)) for name in sets}
+        acc = {name: s.accuracy for name, s in isnet.items()}
+        # the ISNet learned the lesion: the marker does not matter
+        assert acc["test_flipped"] >= 0.80, (run.name, acc)
+        assert abs(acc["test_clean"] - acc["test_flipped"]) <= 0.10, (run.name, acc)
+        assert acc["test_biased"] >= 0.80, (run.name, acc)
+        # and its relevance is in the lungs, the baseline's is not
+        assert isnet["test_flipped"].share_inside >= 0.6, run.name
+        assert isnet["test_flipped"].share_inside >= base["test_flipped"].share_inside + 0.35, run.name
 
 
 @pytest.mark.slow
@@ -67,10 +71,23 @@ def test_run_folder_has_everything_and_config_yaml_reproduces_the_options(shortc
         "config.yaml",
         "curves.png",
         "card.md",
+        "steps.csv",
+        "diagnostics.png",
     ):
         assert (run / name).is_file(), name
     rows = read_metrics(run / "metrics.csv")
     assert list(rows[0]) == list(METRIC_COLUMNS)
+    assert rows[-1]["health"] == "ok" and "## Training health" in (run / "card.md").read_text()
+    # steps.csv: the warm-up, then every training step; the per-term gradient norms every GRAD_TERMS_EVERY steps
+    steps = read_metrics(run / "steps.csv")
+    assert list(steps[0]) == list(STEP_COLUMNS)
+    phases = [s["phase"] for s in steps]
+    assert phases[0] == "C1/C2 warm-up" and phases[-1] == "train"
+    train_steps = [s for s in steps if s["phase"] == "train"]
+    assert len(train_steps) == len(rows) * 20  # 320 training images, batch 16
+    split = [s for s in train_steps if s["grad_heat"]]
+    assert len(split) == len(rows) * 2 and all(float(s["grad_ce"]) > 0 for s in split)
+    assert all(s["relevance_mass"] and float(s["grad_norm"]) > 0 for s in train_steps)
     assert len(rows) == int(json.loads((run / "config.json").read_text())["epochs"])
     assert (run / "heatmaps" / f"epoch_{len(rows)}.png").is_file()
     meta = read_meta(run / "best.safetensors")
@@ -420,6 +437,39 @@ def test_bad_options_and_config_keys_exit_2(tiny_data: Path, tmp_path: Path) -> 
     assert "--P" in str(_error([str(tiny_data), "--P", "1.5"]))
     assert "C1 < C2" in str(_error([str(tiny_data), "--cut", "5,1"]))
     assert "no training data" in str(_error(["--arch", "tinycnn"]))
+    assert "--bg-swap" in str(_error([str(tiny_data), "--bg-swap", "1.5"]))
+    assert "--cut auto" in str(_error([str(tiny_data), "--warm-start", "--cut", "1,25"]))
+    assert "--cut auto" in str(_error([str(tiny_data), "--warm-start", "--variant", "none"]))
+
+
+def test_background_swap_defaults_to_the_isnet_variants_only() -> None:
+    assert TrainConfig(variant="selective").background_swap == 1.0
+    assert TrainConfig(variant="none").background_swap == 0.0
+    assert TrainConfig(variant="none", method="rrr").background_swap == 0.0
+    assert TrainConfig(variant="none", bg_swap=0.5).background_swap == 0.5
+    assert TrainConfig(variant="none").needs_masks is False  # the standard classifier still trains without masks
+    assert TrainConfig(variant="none", bg_swap=0.5).needs_masks is True
+
+
+def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """With --warm-start the ISNet's first step starts from the warmed-up weights, otherwise from a fresh model."""
+    import isnet_cli.train as T
+
+    seen: dict[bool, list[torch.Tensor]] = {}
+    real = T.Trainer.tune_cut
+
+    def spy(self, model, progress, keep_weights=False):
+        before = [p.detach().clone() for p in model.parameters()]
+        cuts = real(self, model, progress, keep_weights)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+        seen.setdefault(keep_weights, []).append(torch.tensor(changed))
+        return cuts
+
+    monkeypatch.setattr(T.Trainer, "tune_cut", spy)
+    cfg = dict(TINY, data=str(tiny_data), epochs=1, cut_epochs=1, out=str(tmp_path))
+    train(TrainConfig(name="fresh", **cfg))
+    train(TrainConfig(name="warm", warm_start=True, **cfg))
+    assert not bool(seen[False][0]) and bool(seen[True][0])
 
 
 def test_non_finite_losses_are_skipped_then_stop_training(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:

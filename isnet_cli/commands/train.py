@@ -10,7 +10,7 @@ from click.core import ParameterSource
 
 from isnet_cli.commands.options import device_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
-from isnet_cli.train_config import METHODS, OPTIMIZERS, SCHEDULERS, SELECT_BY, VARIANTS, TrainConfig
+from isnet_cli.train_config import ISNET_BG_SWAP, METHODS, OPTIMIZERS, SCHEDULERS, SELECT_BY, VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 _ARCHS = (
@@ -79,6 +79,13 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option(
     "--augment/--no-augment", default=_DEFAULTS.augment, show_default=True, help="Small affine + brightness jitter."
 )
+@click.option(
+    "--bg-swap",
+    type=float,
+    default=_DEFAULTS.bg_swap,
+    help="Probability that a training image gets the background (outside its mask) of another image of the batch "
+    f"(default: {ISNET_BG_SWAP:g} for ISNet variants, 0 for --variant none and --method rrr).",
+)
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
@@ -132,6 +139,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 )
 @click.option(
     "--cut-epochs", type=int, default=_DEFAULTS.cut_epochs, show_default=True, help="Warm-up epochs for --cut auto."
+)
+@click.option(
+    "--warm-start/--no-warm-start",
+    default=_DEFAULTS.warm_start,
+    show_default=True,
+    help="Start the ISNet from the weights of the plain (CE-only) warm-up instead of a fresh initialisation.",
 )
 @click.option(
     "--lds/--no-lds",

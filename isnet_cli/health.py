@@ -1,0 +1,106 @@
+"""Did the run learn? The end-of-training check that tells a user when a model ended at chance.
+
+A run of the heatmap loss can satisfy it without learning the classes: relevance spread over the
+lungs with no class evidence (the degenerate optimum). Its signs, read from the per-epoch metrics:
+
+- `chance`: validation AUROC below `CHANCE_AUROC` (accuracy at most the majority-class share plus
+  `CHANCE_MARGIN` where no AUROC is defined): the model does not separate the classes;
+- `ce-stalled` (heatmap-loss runs only): the classes separate a little, but the training
+  cross-entropy is still at least `STALLED_CE_FRACTION` of a uniform guess's ln K: the heatmap loss is
+  being satisfied at the cost of the classification.
+
+`epoch_status` labels one metrics.csv row (the `health` column); `assess` gives the verdict of a
+finished run, with the likely cause and what to try, for the terminal and the model card.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CHANCE_AUROC = 0.6
+CHANCE_MARGIN = 0.05
+STALLED_CE_FRACTION = 0.9
+
+_ISNET_ADVICE = (
+    "try more --epochs, --warm-start (start from the plain warm-up's weights), a lower --P, or --variant none "
+    "to see whether the classes are learnable at all; check that the masks cover where the label lives"
+)
+_PLAIN_ADVICE = "try more --epochs, a larger --img-size, another --lr; check the labels"
+
+
+@dataclass(frozen=True)
+class Health:
+    """`status`: ok | chance | ce-stalled; `message`: one line for the terminal and the model card."""
+
+    status: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _number(row: Mapping[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def epoch_status(row: Mapping[str, Any], majority_share: float, num_classes: int, heat_loss: bool) -> str:
+    """ok | chance | ce-stalled for one epoch's metrics row."""
+    auroc = _number(row, "val_auroc")
+    accuracy = _number(row, "val_accuracy")
+    if auroc is not None:
+        if auroc < CHANCE_AUROC:
+            return "chance"
+    elif accuracy is not None and accuracy <= majority_share + CHANCE_MARGIN:
+        return "chance"
+    ce = _number(row, "train_ce")
+    if heat_loss and ce is not None and ce >= STALLED_CE_FRACTION * math.log(num_classes):
+        return "ce-stalled"
+    return "ok"
+
+
+def assess(
+    rows: Sequence[Mapping[str, Any]],
+    selected: Mapping[str, Any] | None,
+    majority_share: float,
+    num_classes: int,
+    heat_loss: bool,
+) -> Health:
+    """The verdict on a finished run: its selected checkpoint's row, and the training curve."""
+    if not rows:
+        return Health("ok", "no completed epoch")
+    row = selected or rows[-1]
+    status = epoch_status(row, majority_share, num_classes, heat_loss)
+    if status == "ok":
+        return Health("ok", f"learned: validation AUROC {_fmt(row, 'val_auroc')}, accuracy {_fmt(row, 'val_accuracy')}")
+    advice = _ISNET_ADVICE if heat_loss else _PLAIN_ADVICE
+    if status == "chance":
+        cause = (
+            "the heatmap loss was satisfied without class evidence (the degenerate optimum)"
+            if heat_loss
+            else "the classes were not learned in this budget"
+        )
+        return Health(
+            "chance",
+            f"the model ended at chance on validation (AUROC {_fmt(row, 'val_auroc')}, accuracy "
+            f"{_fmt(row, 'val_accuracy')}): {cause}; {advice}",
+        )
+    return Health(
+        "ce-stalled",
+        f"the training cross-entropy stayed near a uniform guess ({_fmt(row, 'train_ce')} vs ln K = "
+        f"{math.log(num_classes):.3f}) while the heatmap loss was met: the model barely learned the classes; "
+        f"{advice}",
+    )
+
+
+def _fmt(row: Mapping[str, Any], key: str) -> str:
+    value = _number(row, key)
+    return "n/a" if value is None else f"{value:.3f}"
