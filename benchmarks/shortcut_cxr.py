@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from convergence import parse_overrides  # the sibling script (run as `python benchmarks/shortcut_cxr.py`)
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("ieee8023_gb100", "tb_shenzhen_montgomery72", "v7_ieee8023_lungs345")
@@ -159,13 +160,7 @@ def main() -> None:
         f"(two classes each), {args.size} px, opacity contrast {args.contrast}",
         flush=True,
     )
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides: dict[str, Any] = dict(parse_overrides(args.set))
     tag = "_".join(f"{k}-{v}" for k, v in overrides.items()) or "defaults"
     results: dict[str, Any] = {}
     for model in [m for m in args.models.split(",") if m]:

@@ -890,6 +890,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
         majority = max(val_counts) / max(1, sum(val_counts))
 
         last_row = rows[-1] if rows else None
+        health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             means, step, stopped = trainer.run_epoch(model, objective, opt, epoch, skip, progress)
@@ -936,6 +937,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 best_score, best_row = score, row
             rows.append(row)
             last_row = row
+            health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
             rng = trainer.gather(rng_state())
             if info.main:
                 save_checkpoint(run_dir / "last.safetensors", model, meta(row))
@@ -948,7 +950,6 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 runs.plot_curves(run_dir / "curves.png", rows)
                 runs.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
                 trainer.heatmap_figure(model, objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
-                health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
                 runs.write_text(
                     run_dir / "card.md",
                     runs.model_card(dataclasses.asdict(cfg), meta(best_row or row), best_row, run_dir, health.message),
@@ -960,7 +961,6 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     f"continue with: isnet train --resume {run_dir}"
                 )
         _check_agreement(model, trainer)
-    health = assess(rows, best_row, majority, len(data.classes), cfg.uses_lrp_loss)
     if info.main and not health.ok:
         console.print(f"[yellow]warning: {health.message}[/yellow]", soft_wrap=True)
     return TrainResult(run_dir, best_row, last_row, cuts.input, model, trainer.skipped_total, health)
