@@ -123,10 +123,10 @@ def run_one(cfg: dict[str, Any], sets: dict[str, str]) -> dict[str, Any]:
     """Train one model (in this process) and score its best checkpoint; returns the score record."""
     import numpy as np
 
-    from isnet_cli.audit import load_audit_set, run_audit
-    from isnet_cli.evaluate import label_indices, macro_auroc, score_samples
+    from isnet_cli.infer.predict import TorchModel
     from isnet_cli.io.dataset import read_dataset
-    from isnet_cli.predict import TorchModel
+    from isnet_cli.report.audit import load_audit_set, run_audit
+    from isnet_cli.report.evaluate import label_indices, macro_auroc, score_samples
     from isnet_cli.train import TrainConfig, train
 
     t0 = time.perf_counter()

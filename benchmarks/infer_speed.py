@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from isnet_cli.backbones import build_model
-from isnet_cli.checkpoint import save_checkpoint
-from isnet_cli.export import export_model
+from isnet_cli.infer.checkpoint import save_checkpoint
+from isnet_cli.infer.export import export_model
+from isnet_cli.infer.onnx_runtime import make_session
 from isnet_cli.io.contract import InputContract
-from isnet_cli.onnx_runtime import make_session
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -106,9 +106,9 @@ def build(rows: list[dict[str, str]], folder: Path, size: int, marker: str | Non
 
 
 def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
-    from isnet_cli.evaluate import label_indices, macro_auroc, score_samples
+    from isnet_cli.infer.predict import TorchModel
     from isnet_cli.io.dataset import read_dataset
-    from isnet_cli.predict import TorchModel
+    from isnet_cli.report.evaluate import label_indices, macro_auroc, score_samples
 
     backend = TorchModel(run_dir / "best.safetensors", device="cpu")
     record: dict[str, Any] = {}

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from isnet_cli.backbones import build_model
-from isnet_cli.isnet.objective import Objective
-from isnet_cli.train_config import TrainConfig
+from isnet_cli.objective.objective import Objective
+from isnet_cli.train.config import TrainConfig
 
 # (label, variant, number of classes)
 CASES = (

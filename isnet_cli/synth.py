@@ -228,7 +228,7 @@ def synthesize(
     """
     from PIL import Image
 
-    from isnet_cli.progress import track
+    from isnet_cli.console import track
 
     classes = list(classes)
     if len(classes) < 2 or len(set(classes)) != len(classes):

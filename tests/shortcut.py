@@ -97,11 +97,11 @@ def score(run_dir: Path, manifest: Path, checkpoint: str = "best") -> Score:
     """Accuracy and in-mask relevance share of a run's checkpoint on a phantom manifest."""
     import torch
 
-    from isnet_cli.checkpoint import load_checkpoint
+    from isnet_cli.infer.checkpoint import load_checkpoint
     from isnet_cli.io.contract import InputContract
     from isnet_cli.io.dataset import XrayDataset, read_dataset
-    from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss
     from isnet_cli.lrp import LRP
+    from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
 
     model, meta = load_checkpoint(Path(run_dir) / f"{checkpoint}.safetensors")
     spec = read_dataset(manifest)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from isnet_cli import audit
+from isnet_cli.report import audit
 from tests.tiny_models import isnet
 
 

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision import models as tv
 
 from isnet_cli.backbones import IMAGENET_MEAN, IMAGENET_STD, _replace_first_conv, build_model
-from isnet_cli.checkpoint import load_checkpoint, read_meta, resolve_model, save_checkpoint
 from isnet_cli.errors import InputError
+from isnet_cli.infer.checkpoint import load_checkpoint, read_meta, resolve_model, save_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["tinycnn", "tinyresnet", "resnet18", "vgg11_bn", "mobilenet_v3_small"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from isnet_cli import evaluate as ev
+from isnet_cli.report import evaluate as ev
 from tests.tiny_models import isnet, shared_tiny_run
 
 

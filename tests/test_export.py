@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from isnet_cli.checkpoint import load_checkpoint
-from isnet_cli.onnx_runtime import META_KEY, make_session, read_onnx_meta, sidecar_path
+from isnet_cli.infer.checkpoint import load_checkpoint
+from isnet_cli.infer.onnx_runtime import META_KEY, make_session, read_onnx_meta, sidecar_path
 from tests.tiny_models import SIZE, isnet, shared_tiny_run
 
 
@@ -92,7 +92,7 @@ def test_heatmap_graph_matches_torch_engine(tiny, exported):
 
 
 def test_failed_verification_writes_nothing(tiny, tmp_path, monkeypatch):
-    from isnet_cli import export
+    from isnet_cli.infer import export
 
     monkeypatch.setattr(export, "LOGIT_TOLERANCE", -1.0)  # no export can pass
     out = tmp_path / "bad.onnx"
@@ -133,8 +133,8 @@ def test_export_refuses_an_onnx_source(exported, tmp_path):
 def test_heatmap_export_residual_network(tmp_path):
     """Residual additions, overlapping max pool, avg-pool transition, functional global pool: still exports."""
     from isnet_cli.backbones import build_model
-    from isnet_cli.checkpoint import save_checkpoint
-    from isnet_cli.export import export_model
+    from isnet_cli.infer.checkpoint import save_checkpoint
+    from isnet_cli.infer.export import export_model
     from isnet_cli.io.contract import InputContract
 
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from isnet_cli.backbones import build_model
-from isnet_cli.health import CHANCE_AUROC, assess, epoch_status
-from isnet_cli.isnet.objective import Objective
-from isnet_cli.train import gradient_split
-from isnet_cli.train_config import TrainConfig
+from isnet_cli.objective.objective import Objective
+from isnet_cli.train.config import TrainConfig
+from isnet_cli.train.fit import gradient_split
+from isnet_cli.train.health import CHANCE_AUROC, assess, epoch_status
 
 
 def _row(auroc: float | None, accuracy: float, ce: float) -> dict[str, object]:

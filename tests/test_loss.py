@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from isnet_cli.errors import InputError
-from isnet_cli.isnet.loss import HeatmapLossParams, foreground_band, gwrp, heatmap_loss, resize_mask, rrr_penalty
-from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
+from isnet_cli.objective.loss import HeatmapLossParams, foreground_band, gwrp, heatmap_loss, resize_mask, rrr_penalty
+from isnet_cli.objective.tuning import Welford, cut_from_stats, parse_cut
 
 
 def _mask(b: int = 2, size: int = 8) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_fail_fast_stops_at_the_bad_file(tiny, folder_with_bad_file, tmp_path):
 
 
 def test_resume_drops_a_half_written_row(tiny, tmp_path):
-    from isnet_cli.predict import ResultsFile
+    from isnet_cli.infer.predict import ResultsFile
 
     path = tmp_path / "r.csv"
     files = sorted(tiny.images.iterdir())[:2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from isnet_cli.isnet.swap import swap_backgrounds
+from isnet_cli.objective.swap import swap_backgrounds
 
 
 def _batch(b: int = 6, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

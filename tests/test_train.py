@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from isnet_cli.checkpoint import read_meta
 from isnet_cli.commands.train import command as train_command
 from isnet_cli.errors import InputError
-from isnet_cli.runs import METRIC_COLUMNS, STEP_COLUMNS, read_metrics
+from isnet_cli.infer.checkpoint import read_meta
 from isnet_cli.synth import synthesize
 from isnet_cli.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from isnet_cli.train.run_folder import METRIC_COLUMNS, STEP_COLUMNS, read_metrics
 from tests.shortcut import score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,9 +207,9 @@ def test_ctrl_c_saves_last_and_exits_130_then_resume_finishes(tiny_data: Path, t
 
 def _ddp_worker(cfg: TrainConfig, out: str) -> None:
     """One process of a torchrun-style run (RANK etc. set by `distributed.spawn`): train, keep the weights."""
-    from isnet_cli.train import _train_process
+    from isnet_cli.train.fit import train_process
 
-    result = _train_process(cfg, resuming=False)
+    result = train_process(cfg, resuming=False)
     state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
     torch.save(state, f"{out}/rank{os.environ['RANK']}.pt")
 
@@ -333,9 +333,9 @@ def test_lds_moves_hidden_layer_relevance_into_the_lungs(tiny_data: Path) -> Non
     from isnet_cli.backbones import build_model
     from isnet_cli.io.contract import InputContract
     from isnet_cli.io.dataset import XrayDataset, read_dataset
-    from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss
-    from isnet_cli.isnet.objective import Objective
     from isnet_cli.lrp import LRP
+    from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
+    from isnet_cli.objective.objective import Objective
 
     layers = ("layer1", "layer2", "layer3")
     spec = read_dataset(tiny_data)
@@ -453,7 +453,7 @@ def test_background_swap_defaults_to_the_isnet_variants_only() -> None:
 
 def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """With --warm-start the ISNet's first step starts from the warmed-up weights, otherwise from a fresh model."""
-    import isnet_cli.train as T
+    import isnet_cli.train.fit as T
 
     seen: dict[bool, list[torch.Tensor]] = {}
     real = T.Trainer.tune_cut
@@ -473,7 +473,7 @@ def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path
 
 
 def test_non_finite_losses_are_skipped_then_stop_training(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
-    import isnet_cli.isnet.objective as T  # the training loss is computed there
+    import isnet_cli.objective.objective as T  # the training loss is computed there
 
     real = T.heatmap_loss
     calls = {"n": 0, "poison": {2, 3}}

@@ -29,7 +29,7 @@ def make_tiny_run(root: Path, steps: int = 40, n: int = 32) -> TinyRun:
     import torch
 
     from isnet_cli.backbones import build_model
-    from isnet_cli.checkpoint import save_checkpoint
+    from isnet_cli.infer.checkpoint import save_checkpoint
     from isnet_cli.io.contract import InputContract
     from isnet_cli.io.manifest import read_dataset
     from isnet_cli.io.preprocess import preprocess_file

@@ -64,11 +64,18 @@ def command(
     Example:
       isnet audit data/test.csv --model runs/isnet-1 --out audit/
     """
-    from isnet_cli.audit import PERTURBATIONS, contact_sheet, load_audit_set, run_audit, worst_offenders, write_audit
+    from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
+    from isnet_cli.infer.predict import load_backend
     from isnet_cli.io.manifest import read_dataset
-    from isnet_cli.predict import load_backend, say, say_error
-    from isnet_cli.progress import make_progress, progress_enabled
+    from isnet_cli.report.audit import (
+        PERTURBATIONS,
+        contact_sheet,
+        load_audit_set,
+        run_audit,
+        worst_offenders,
+        write_audit,
+    )
 
     spec = read_dataset(data, label_column=label_column, require_labels=False)
     backend = load_backend(model, device=device)

@@ -93,7 +93,7 @@ def check(
     Example:
       isnet data check data/manifest.csv --size 224
     """
-    from isnet_cli.progress import progress_enabled
+    from isnet_cli.console import progress_enabled
 
     report = check_dataset(data, label_column, size, window, progress=progress_enabled(no_progress))
     if as_json:
@@ -157,7 +157,7 @@ def synth(
       isnet data synth data/phantoms --n 400 --size 64 --bias 1.0
       isnet data synth data/dcm --n 8 --format dcm --photometric MONOCHROME1 --bits 16 --compression rle
     """
-    from isnet_cli.progress import console, progress_enabled
+    from isnet_cli.console import console, progress_enabled
     from isnet_cli.synth import parse_bias, synthesize
 
     if (out / "manifest.csv").exists() and not overwrite:

@@ -25,8 +25,8 @@ def default_out_dir(model_path: Path) -> Path:
 
 
 def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, Any], what: str) -> Any:
-    from isnet_cli.evaluate import score_samples
-    from isnet_cli.progress import make_progress, progress_enabled
+    from isnet_cli.console import make_progress, progress_enabled
+    from isnet_cli.report.evaluate import score_samples
 
     with make_progress(progress_enabled(opts["no_progress"])) as progress:
         task = progress.add_task(what, total=len(samples))
@@ -100,10 +100,11 @@ def command(
     Example:
       isnet evaluate data/test.csv --model runs/resnet18-1 --compare runs/baseline --json
     """
+    from isnet_cli.console import say, say_error
     from isnet_cli.errors import InputError
-    from isnet_cli.evaluate import build_report, compare_models, label_indices, write_report
+    from isnet_cli.infer.predict import check_threshold, load_backend
     from isnet_cli.io.manifest import read_dataset
-    from isnet_cli.predict import check_threshold, load_backend, say, say_error
+    from isnet_cli.report.evaluate import build_report, compare_models, label_indices, write_report
 
     spec = read_dataset(data, label_column=label_column)
     backend = load_backend(model, device=device)

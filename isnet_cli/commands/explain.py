@@ -75,11 +75,10 @@ def command(
     Example:
       isnet explain scan.dcm --mask lungs.png --out heatmap.png --raw heatmap.npy
     """
+    from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
-    from isnet_cli.explain import explain_many, load_explainer, write_summary
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.predict import say, say_error
-    from isnet_cli.progress import make_progress, progress_enabled
+    from isnet_cli.report.explain import explain_many, load_explainer, write_summary
 
     samples = expand_inputs(list(inputs))
     first = inputs[0]

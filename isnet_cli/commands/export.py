@@ -50,9 +50,9 @@ def command(
     Example:
       isnet export --model runs/resnet18-1 --format onnx --out model.onnx --with-heatmap
     """
-    from isnet_cli.export import export_model
-    from isnet_cli.onnx_runtime import sidecar_path
-    from isnet_cli.predict import say
+    from isnet_cli.console import say
+    from isnet_cli.infer.export import export_model
+    from isnet_cli.infer.onnx_runtime import sidecar_path
 
     meta = export_model(model, out, fmt=fmt, opset=opset, dynamo=dynamo, verify=verify, with_heatmap=with_heatmap)
     info = meta["export"]

@@ -20,11 +20,11 @@ SECTIONS = (
 
 def model_card(path: Path) -> dict[str, Any]:
     """Metadata of a checkpoint (safetensors header) or an export (sidecar), plus file name, size and sha256."""
-    from isnet_cli.checkpoint import read_meta
+    from isnet_cli.infer.checkpoint import read_meta
     from isnet_cli.io.cache import file_digest
 
     if path.suffix.lower() == ".onnx":
-        from isnet_cli.onnx_runtime import read_onnx_meta
+        from isnet_cli.infer.onnx_runtime import read_onnx_meta
 
         meta = read_onnx_meta(path)
     else:
@@ -59,7 +59,7 @@ def command(model: str | None, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from isnet_cli.checkpoint import resolve_model
+    from isnet_cli.infer.checkpoint import resolve_model
 
     card = model_card(Path(resolve_model(model)))
     if as_json:

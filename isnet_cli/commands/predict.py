@@ -65,19 +65,17 @@ def command(
     Example:
       isnet predict scans/ --model model.onnx --out results.csv --resume
     """
+    from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
-    from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.predict import (
+    from isnet_cli.infer.predict import (
         Failure,
         ResultsFile,
         check_threshold,
         load_backend,
         pending,
         predict_samples,
-        say,
-        say_error,
     )
-    from isnet_cli.progress import make_progress, progress_enabled
+    from isnet_cli.io.inputs import expand_inputs
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out FILE")

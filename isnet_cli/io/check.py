@@ -35,12 +35,12 @@ def check_dataset(
     """
     import numpy as np
 
+    from isnet_cli.console import track
     from isnet_cli.io.images import load_image
     from isnet_cli.io.inputs import expand_inputs
     from isnet_cli.io.manifest import DatasetSpec, is_dataset_folder, read_dataset, split_samples
     from isnet_cli.io.masks import load_mask
     from isnet_cli.io.preprocess import resize_pair
-    from isnet_cli.progress import track
 
     path = Path(data)
     if path.is_dir() and not is_dataset_folder(path):

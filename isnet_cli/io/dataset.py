@@ -122,7 +122,7 @@ class XrayDataset(Dataset):
         Call before training with DataLoader workers: bad files are reported all at once, here, rather than
         as a worker crash, and the workers then only read the cache.
         """
-        from isnet_cli.progress import track
+        from isnet_cli.console import track
 
         errors = []
         for sample in track(self.samples, "decoding", enabled=progress):

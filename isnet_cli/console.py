@@ -1,4 +1,6 @@
-"""Rich progress bars that switch themselves off for pipes, CI logs and `--no-progress`."""
+"""Terminal output, in one place: status lines (`say`), per-input errors (`say_error`), and rich
+progress bars that switch themselves off for pipes, CI logs and `--no-progress`. Everything goes to
+stderr, so that stdout stays clean for --json / --csv output."""
 
 from __future__ import annotations
 
@@ -15,11 +17,21 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 
-# Progress and messages go to stderr so that stdout stays clean for --json / --csv output.
 console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """A status line on stderr, literal (no rich markup: file names may hold brackets), never wrapped."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def say_error(text: str) -> None:
+    """`error: <text>` on stderr, one line per bad input."""
+    console.print(Text.assemble(("error: ", "red"), text), soft_wrap=True)
 
 
 def progress_enabled(no_progress: bool = False) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.onnx_runtime import softmax
+from isnet_cli.infer.onnx_runtime import softmax
 
 # Verdict thresholds (documented in the report and the README).
 LUNGS_MIN_SHARE = 0.7  # "looks at the lungs": mean |R| share inside the lungs at least this ...
@@ -139,7 +139,7 @@ def run_audit(
 
     share = np.full(n, np.nan)
     if backend.has_relevance:
-        from isnet_cli.evaluate import mask_shares
+        from isnet_cli.report.evaluate import mask_shares
 
         for i in range(0, n, batch_size):
             _, r = backend.relevance(x[i : i + batch_size])
@@ -310,7 +310,7 @@ def load_audit_set(
     samples: list[Any], classes: list[str], contract: Any, batch_size: int, fail_fast: bool, on_batch: Any = None
 ) -> tuple[AuditSet, list[dict[str, str]], int]:
     """Preprocess the samples that have a mask; returns the set, the failures and how many had no mask."""
-    from isnet_cli.predict import iter_prepared
+    from isnet_cli.infer.predict import iter_prepared
 
     masked = [s for s in samples if s.mask is not None]
     index = {c: i for i, c in enumerate(classes)}
@@ -338,6 +338,6 @@ def load_audit_set(
 
 
 def write_audit(path: Path, summary: dict[str, Any], per_image: list[dict[str, Any]]) -> None:
-    from isnet_cli.checkpoint import atomic_write_bytes
+    from isnet_cli.infer.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps({**summary, "images": per_image}, indent=2) + "\n").encode())

@@ -1,11 +1,11 @@
 """ISNet training: data preparation, the loop, the run folder, resume, and multi-process (DDP) training
-(process-group plumbing in `isnet_cli.distributed`, the per-batch loss in `isnet_cli.isnet.objective`).
+(process-group plumbing in `isnet_cli.distributed`, the per-batch loss in `isnet_cli.objective.objective`).
 
 One training step (variant `selective`, the default):
 
     R = lrp(x, "selective")          # the training forward *and* the relevance pass, one graph
     CE = cross_entropy(lrp.logits, y)
-    L = (1 - P)·CE + P·heatmap_loss(R, mask)   # fp32, see isnet_cli.isnet.loss
+    L = (1 - P)·CE + P·heatmap_loss(R, mask)   # fp32, see isnet_cli.objective.loss
     backward, all-reduce gradients (DDP), clip to norm 1, optimizer step
 
 `variant="none"` is the standard classifier through the same code (P = 0, no relevance pass);
@@ -39,21 +39,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from isnet_cli import runs
-from isnet_cli.checkpoint import save_checkpoint
+from isnet_cli.console import console, make_progress, progress_enabled
 from isnet_cli.device import resolve_device
 from isnet_cli.distributed import Dist, process_group, spawn
 from isnet_cli.errors import InputError, IsnetError
-from isnet_cli.evaluate import confusion_matrix, macro_auroc, summary_scores
-from isnet_cli.health import Health, assess, epoch_status
+from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
-from isnet_cli.isnet.loss import HeatmapLossParams, heatmap_loss
-from isnet_cli.isnet.objective import TARGETS, Cuts, Objective, hidden_map, lds_layers, make_lrp, relevance_stats
-from isnet_cli.isnet.swap import swap_backgrounds
-from isnet_cli.isnet.tuning import Welford, cut_from_stats, parse_cut
-from isnet_cli.progress import console, make_progress, progress_enabled
-from isnet_cli.train_config import TrainConfig
+from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
+from isnet_cli.objective.objective import TARGETS, Cuts, Objective, hidden_map, lds_layers, make_lrp, relevance_stats
+from isnet_cli.objective.swap import swap_backgrounds
+from isnet_cli.objective.tuning import Welford, cut_from_stats, parse_cut
+from isnet_cli.report.evaluate import confusion_matrix, macro_auroc, summary_scores
+from isnet_cli.train import run_folder
+from isnet_cli.train.config import TrainConfig
+from isnet_cli.train.health import Health, assess, epoch_status
 
 STATE_FILE = "last.state.pt"
 STEPS_FILE = "steps.csv"
@@ -79,7 +79,7 @@ class TrainResult:
     cut: tuple[float, float] | None
     model: nn.Module | None = None
     skipped_steps: int = 0
-    health: Health | None = None  # did the run learn (see isnet_cli.health)
+    health: Health | None = None  # did the run learn (see isnet_cli.train.health)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -708,7 +708,7 @@ class Trainer:
             relevance = lrp(x, "predicted").sum(1).cpu().numpy()
             pred = lrp.logits.argmax(1).cpu().tolist()
         titles = [f"true {self.classes[int(y)]} / pred {self.classes[p]}" for y, p in zip(ys, pred, strict=True)]
-        runs.heatmap_grid(path, x[:, 0].cpu().numpy(), relevance, m[:, 0].numpy() > 0.5, titles)
+        run_folder.heatmap_grid(path, x[:, 0].cpu().numpy(), relevance, m[:, 0].numpy() > 0.5, titles)
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -716,7 +716,7 @@ class Trainer:
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
-    name = cfg.name or runs.next_run_name(out)
+    name = cfg.name or run_folder.next_run_name(out)
     run_dir = out / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(run_dir, "run folder already exists", "pick another --name, or continue it with --resume")
@@ -800,10 +800,10 @@ def train(
     cfg.validate()
     if cfg.devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _spawn(cfg, resume is not None)
-    return _train_process(cfg, resume is not None, on_step)
+    return train_process(cfg, resume is not None, on_step)
 
 
-def _train_process(cfg: TrainConfig, resuming: bool, on_step: StepCallback | None = None) -> TrainResult:
+def train_process(cfg: TrainConfig, resuming: bool, on_step: StepCallback | None = None) -> TrainResult:
     info = Dist.from_env()
     stop = _Stop()
     stop.install()
@@ -861,8 +861,8 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
             start_epoch, skip = int(state["epoch"]), int(state["step"])
             best_score = state.get("best_score")
             trainer.skipped_total = int(state.get("skipped", 0))
-            rows = [r for r in runs.read_metrics(run_dir / "metrics.csv") if int(r["epoch"]) <= start_epoch]
-            trainer.step_rows = runs.read_metrics(run_dir / STEPS_FILE)
+            rows = [r for r in run_folder.read_metrics(run_dir / "metrics.csv") if int(r["epoch"]) <= start_epoch]
+            trainer.step_rows = run_folder.read_metrics(run_dir / STEPS_FILE)
             best_row = next((r for r in rows if str(r["epoch"]) == str(state.get("best_epoch"))), None)
             set_rng_state(state["rng"][info.rank])
             if info.main:
@@ -879,8 +879,8 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                 "world_size": info.world,
                 "contract": trainer.contract.to_dict(),
             }
-            runs.write_json(run_dir / "config.json", config)
-            runs.write_yaml(
+            run_folder.write_json(run_dir / "config.json", config)
+            run_folder.write_yaml(
                 run_dir / "config.yaml",
                 cfg.recipe(),
                 header=f"# isnet train --config {run_dir / 'config.yaml'}   (recipe of run {run_dir.name})\n",
@@ -902,7 +902,7 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     save_checkpoint(run_dir / "last.safetensors", model, meta({"epoch": epoch, "partial_steps": step}))
                     state = _state(opt, sched, epoch, step, best_score, best_row, rng, trainer.skipped_total, cuts)
                     _write_state(run_dir, state)
-                    runs.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, runs.STEP_COLUMNS)
+                    run_folder.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, run_folder.STEP_COLUMNS)
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch + 1}, step {step}: saved {run_dir / 'last.safetensors'}; "
                     f"continue with: isnet train --resume {run_dir}"
@@ -945,14 +945,16 @@ def _run(cfg: TrainConfig, resuming: bool, info: Dist, stop: _Stop, on_step: Ste
                     save_checkpoint(run_dir / "best.safetensors", model, meta(row))
                 state = _state(opt, sched, epoch + 1, 0, best_score, best_row, rng, trainer.skipped_total, cuts)
                 _write_state(run_dir, state)
-                runs.write_metrics(run_dir / "metrics.csv", rows)
-                runs.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, runs.STEP_COLUMNS)
-                runs.plot_curves(run_dir / "curves.png", rows)
-                runs.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
+                run_folder.write_metrics(run_dir / "metrics.csv", rows)
+                run_folder.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, run_folder.STEP_COLUMNS)
+                run_folder.plot_curves(run_dir / "curves.png", rows)
+                run_folder.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
                 trainer.heatmap_figure(model, objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
-                runs.write_text(
+                run_folder.write_text(
                     run_dir / "card.md",
-                    runs.model_card(dataclasses.asdict(cfg), meta(best_row or row), best_row, run_dir, health.message),
+                    run_folder.model_card(
+                        dataclasses.asdict(cfg), meta(best_row or row), best_row, run_dir, health.message
+                    ),
                 )
                 _report_epoch(row, cfg, improved)
             if stopped and epoch + 1 < cfg.epochs:
@@ -1028,7 +1030,7 @@ def _state(
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
     import io as _io
 
-    from isnet_cli.checkpoint import atomic_write_bytes
+    from isnet_cli.infer.checkpoint import atomic_write_bytes
 
     buf = _io.BytesIO()
     torch.save(state, buf)
@@ -1070,7 +1072,7 @@ def _spawn(cfg: TrainConfig, resuming: bool) -> TrainResult:
     if not resuming:
         cfg = dataclasses.replace(cfg, name=resolve_run_dir(cfg).name)
     try:
-        spawn(_train_process, (cfg, resuming), cfg.devices)
+        spawn(train_process, (cfg, resuming), cfg.devices)
     except mp.ProcessRaisedException as exc:
         # the child's traceback ends with "module.ExceptionType: message": keep the type's exit code
         kind, _, message = str(exc).strip().splitlines()[-1].partition(": ")
@@ -1080,5 +1082,5 @@ def _spawn(cfg: TrainConfig, resuming: bool) -> TrainResult:
             raise InputError(None, message) from None
         raise IsnetError(f"a training process failed: {kind}: {message}") from None
     run_dir = Path(cfg.out) / str(cfg.name)
-    rows = runs.read_metrics(run_dir / "metrics.csv")
+    rows = run_folder.read_metrics(run_dir / "metrics.csv")
     return TrainResult(run_dir, None, rows[-1] if rows else None, None, None)

@@ -103,7 +103,7 @@ def write_raw(path: str | Path, relevance: np.ndarray) -> Path:
     name = path.name.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith(".npy"):
-        from isnet_cli.checkpoint import atomic_write_bytes
+        from isnet_cli.infer.checkpoint import atomic_write_bytes
 
         buffer = io.BytesIO()
         np.save(buffer, relevance.astype(np.float32))
@@ -180,7 +180,7 @@ def load_explainer(
         contract = InputContract(channels=channels)
         eps = 0.01
     else:
-        from isnet_cli.checkpoint import load_checkpoint, resolve_model
+        from isnet_cli.infer.checkpoint import load_checkpoint, resolve_model
 
         path = resolve_model(model, runs_dir=runs_dir)
         if Path(path).suffix.lower() == ".onnx":
@@ -294,7 +294,7 @@ def explain_many(
 ) -> Iterator[Explanation | tuple[str, str]]:
     """Explain `samples` in order, writing one PNG (and raw map) per input; yields Explanations or
     (file, message) failures. One input: `single_out`/`single_raw` are the file paths."""
-    from isnet_cli.render import render_heatmap
+    from isnet_cli.report.render import render_heatmap
 
     resolved = explainer.resolve_target(target)
     names = unique_stems([str(s.image) for s in samples])
@@ -327,7 +327,7 @@ def explain_many(
 
 def write_summary(path: Path, explanations: list[Explanation]) -> Path:
     """summary.csv: one row per explained input (`SUMMARY_COLUMNS`), written atomically."""
-    from isnet_cli.checkpoint import atomic_write_bytes
+    from isnet_cli.infer.checkpoint import atomic_write_bytes
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)

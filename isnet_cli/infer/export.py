@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from isnet_cli.checkpoint import atomic_write_bytes, load_checkpoint, resolve_model, versions
 from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.infer.checkpoint import atomic_write_bytes, load_checkpoint, resolve_model, versions
+from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
-from isnet_cli.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter emits opset 18 and cannot down-convert (Reduce* axes inputs)

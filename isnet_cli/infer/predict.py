@@ -20,24 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from isnet_cli.errors import InputError, IsnetError
+from isnet_cli.infer.onnx_runtime import OnnxModel, model_id, softmax
 from isnet_cli.io.contract import InputContract
-from isnet_cli.onnx_runtime import OnnxModel, model_id, softmax
-
-
-def say(text: str) -> None:
-    """A status line on stderr, literal (no rich markup: file names may hold brackets), never wrapped."""
-    from isnet_cli.progress import console
-
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-def say_error(text: str) -> None:
-    """`error: <text>` on stderr, one line per bad input."""
-    from rich.text import Text
-
-    from isnet_cli.progress import console
-
-    console.print(Text.assemble(("error: ", "red"), text), soft_wrap=True)
 
 
 class Backend(Protocol):
@@ -66,8 +50,8 @@ class TorchModel:
     def __init__(self, path: Path, device: str = "auto") -> None:
         import torch
 
-        from isnet_cli.checkpoint import load_checkpoint
         from isnet_cli.device import resolve_device
+        from isnet_cli.infer.checkpoint import load_checkpoint
 
         self.torch = torch
         self.path = path
@@ -109,7 +93,7 @@ def load_backend(model: str | Path | None, device: str = "auto", runs_dir: str |
 
     An `.onnx` model runs on onnxruntime and never imports torch.
     """
-    from isnet_cli.checkpoint import resolve_model
+    from isnet_cli.infer.checkpoint import resolve_model
 
     path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
     if path.suffix.lower() == ".onnx":

@@ -108,7 +108,7 @@ class TrainConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(None, f"--{name}: invalid value {getattr(self, name.replace('-', '_'))!r}", expected)
-        from isnet_cli.isnet.tuning import parse_cut  # the isnet package imports torch
+        from isnet_cli.objective.tuning import parse_cut  # the isnet package imports torch
 
         try:
             parse_cut(self.cut)
@@ -148,7 +148,7 @@ class TrainConfig:
     def background_swap(self) -> float:
         """Probability of the background-swap augmentation: --bg-swap, or by default ISNET_BG_SWAP for the
         ISNet variants (the heatmap loss cannot see a background feature that switches units off; see
-        `isnet_cli.isnet.swap`) and 0 for the standard classifier and RRR, which stay the plain methods."""
+        `isnet_cli.objective.swap`) and 0 for the standard classifier and RRR, which stay the plain methods."""
         if self.bg_swap is not None:
             return self.bg_swap
         return ISNET_BG_SWAP if self.uses_lrp_loss else 0.0

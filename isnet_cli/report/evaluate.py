@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.onnx_runtime import softmax
+from isnet_cli.infer.onnx_runtime import softmax
 
 Z95 = 1.959963984540054  # standard normal quantile 0.975
 BOOTSTRAP_RESAMPLES = 1000
@@ -248,7 +248,7 @@ def score_samples(
     on_batch: Any = None,
 ) -> Scored:
     """Probabilities for every sample and, where a mask and relevance are available, the in-mask shares."""
-    from isnet_cli.predict import iter_prepared
+    from isnet_cli.infer.predict import iter_prepared
 
     label_of = dict(zip((str(s.image) for s in samples), labels, strict=True))
     files: list[str] = []
@@ -452,7 +452,7 @@ def plot_roc(y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -
 
 def write_report(report: dict[str, Any], scored: Scored, out_dir: Path) -> None:
     """report.json, confusion.png and roc.png in `out_dir` (report written atomically)."""
-    from isnet_cli.checkpoint import atomic_write_bytes
+    from isnet_cli.infer.checkpoint import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = report["classes"]

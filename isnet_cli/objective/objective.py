@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from isnet_cli.errors import InputError, ModelError
-from isnet_cli.isnet.loss import HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
-from isnet_cli.train_config import TrainConfig
+from isnet_cli.objective.loss import HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
+from isnet_cli.train.config import TrainConfig
 
 # variant -> the LRP target explained during training ("original": one map per class)
 TARGETS = {"selective": "selective", "stochastic": "stochastic", "original": "all"}

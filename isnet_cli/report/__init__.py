@@ -1,0 +1,1 @@
+"""What a model does and why: metrics, evaluation reports, the lung audit, LRP explanations, figures."""
