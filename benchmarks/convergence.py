@@ -123,7 +123,7 @@ def run_one(cfg: dict[str, Any], sets: dict[str, str]) -> dict[str, Any]:
     """Train one model (in this process) and score its best checkpoint; returns the score record."""
     import numpy as np
 
-    from isnet_cli.infer.predict import TorchModel
+    from isnet_cli.infer.loading import TorchModel
     from isnet_cli.io.dataset import read_dataset
     from isnet_cli.report.audit import load_audit_set, run_audit
     from isnet_cli.report.evaluate import label_indices, macro_auroc, score_samples

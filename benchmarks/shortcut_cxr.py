@@ -106,7 +106,7 @@ def build(rows: list[dict[str, str]], folder: Path, size: int, marker: str | Non
 
 
 def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
-    from isnet_cli.infer.predict import TorchModel
+    from isnet_cli.infer.loading import TorchModel
     from isnet_cli.io.dataset import read_dataset
     from isnet_cli.report.evaluate import label_indices, macro_auroc, score_samples
 

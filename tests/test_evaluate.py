@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from isnet_cli.infer.predict import softmax
 from isnet_cli.report import evaluate as ev
+from isnet_cli.report import metrics
 from tests.tiny_models import isnet, shared_tiny_run
 
 
@@ -19,7 +21,7 @@ def known_scored(k: int, n: int = 150, seed: int = 1) -> ev.Scored:
     y = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), y] += 1.2
-    probs = ev.softmax(np.round(logits, 1))
+    probs = softmax(np.round(logits, 1))
     nan = np.full(n, np.nan)
     return ev.Scored(files=[f"f{i}" for i in range(n)], y=y, probs=probs, share_pos=nan, share_abs=nan)
 
@@ -57,22 +59,22 @@ def test_metrics_equal_scikit_learn(k):
 def test_auroc_by_hand_and_delong_variance():
     # the classic 4-sample example: 3 of the 4 positive-negative pairs are ordered correctly
     y = np.array([0, 0, 1, 1])
-    auc, (lo, hi) = ev.auroc_ci(np.array([0.1, 0.4, 0.35, 0.8]), y == 1)
+    auc, (lo, hi) = metrics.auroc_ci(np.array([0.1, 0.4, 0.35, 0.8]), y == 1)
     assert auc == 0.75 and lo <= auc <= hi
     # DeLong's covariance against its definition with the Heaviside kernel, on tied scores
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)
     scores = np.round(np.stack([rng.normal(size=40) + y, rng.normal(size=40) + 0.3 * y]), 1)
-    aucs, cov = ev.delong(scores, y == 1)
+    aucs, cov = metrics.delong(scores, y == 1)
     pos, neg = scores[:, y == 1], scores[:, y == 0]
     psi = (pos[:, :, None] > neg[:, None, :]) + 0.5 * (pos[:, :, None] == neg[:, None, :])
     v10, v01 = psi.mean(axis=2), psi.mean(axis=1)
     expected = np.cov(v10) / pos.shape[1] + np.cov(v01) / neg.shape[1]
     assert np.allclose(aucs, psi.mean(axis=(1, 2))) and np.allclose(cov, expected)
     # paired test: identical scores give no difference; by hand z = d / sqrt(V_a + V_b - 2 C_ab)
-    same = ev.paired_delong(scores[0], scores[0], y == 1)
+    same = metrics.paired_delong(scores[0], scores[0], y == 1)
     assert same["difference"] == 0.0 and same["p_value"] == 1.0
-    test = ev.paired_delong(scores[0], scores[1], y == 1)
+    test = metrics.paired_delong(scores[0], scores[1], y == 1)
     z = (aucs[0] - aucs[1]) / math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     assert test["z"] == pytest.approx(z) and test["p_value"] == pytest.approx(math.erfc(abs(z) / math.sqrt(2)))
 
@@ -82,19 +84,20 @@ def test_compare_three_classes_paired():
     b = ev.Scored(a.files[::-1], a.y[::-1], np.roll(a.probs, 1, axis=1)[::-1], a.share_pos, a.share_abs)
     out = ev.compare_models(a, b, ["x", "y", "z"])  # b lists the same files in another order
     assert out["n"] == len(a.files)
-    assert out["auroc_a"] == pytest.approx(ev.macro_auroc(a.y, a.probs))
-    assert out["auroc_b"] == pytest.approx(ev.macro_auroc(a.y, np.roll(a.probs, 1, axis=1)))
+    assert out["auroc_a"] == pytest.approx(metrics.macro_auroc(a.y, a.probs))
+    assert out["auroc_b"] == pytest.approx(metrics.macro_auroc(a.y, np.roll(a.probs, 1, axis=1)))
     lo, hi = out["ci95"]
     assert lo <= out["difference"] <= hi and out["difference"] > 0.1 and out["p_value"] < 0.05
     assert out["per_class"]["x"]["test"] == "paired DeLong"
 
 
 def test_mask_shares_by_hand():
-    r = np.zeros((1, 1, 2, 2))
-    r[0, 0] = [[3.0, -1.0], [1.0, 0.0]]
-    mask = np.array([[[[1.0, 1.0], [0.0, 0.0]]]])
-    pos, absolute = ev.mask_shares(r, mask)
+    r = np.zeros((2, 2, 2))
+    r[0] = [[3.0, -1.0], [1.0, 0.0]]  # the second map has no relevance at all
+    mask = np.array([[[True, True], [False, False]]] * 2)
+    pos, absolute = metrics.mask_shares(r, mask)
     assert pos[0] == pytest.approx(3 / 4) and absolute[0] == pytest.approx(4 / 5)
+    assert np.isnan(pos[1]) and np.isnan(absolute[1])
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import click
 from isnet_cli.commands.options import (
     batch_size_option,
     device_option,
+    fail_fast_option,
     label_column_option,
     model_option,
     no_progress_option,
@@ -40,7 +41,7 @@ from isnet_cli.commands.options import (
 )
 @batch_size_option
 @device_option
-@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable image or mask.")
+@fail_fast_option("image or mask")
 @no_progress_option
 def command(
     data: str,
@@ -66,7 +67,7 @@ def command(
     """
     from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
-    from isnet_cli.infer.predict import load_backend
+    from isnet_cli.infer.loading import load_backend
     from isnet_cli.io.manifest import read_dataset
     from isnet_cli.report.audit import (
         PERTURBATIONS,

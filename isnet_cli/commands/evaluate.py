@@ -74,7 +74,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 )
 @batch_size_option
 @device_option
-@fail_fast_option
+@fail_fast_option()
 @no_progress_option
 def command(
     data: str,
@@ -102,7 +102,8 @@ def command(
     """
     from isnet_cli.console import say, say_error
     from isnet_cli.errors import InputError
-    from isnet_cli.infer.predict import check_threshold, load_backend
+    from isnet_cli.infer.loading import load_backend
+    from isnet_cli.infer.predict import check_threshold
     from isnet_cli.io.manifest import read_dataset
     from isnet_cli.report.evaluate import build_report, compare_models, label_indices, write_report
 

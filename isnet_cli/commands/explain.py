@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from isnet_cli.commands.options import device_option, fail_fast_option, model_option, no_progress_option
+from isnet_cli.lrp.names import RULES
 
 
 @click.command("explain")
@@ -40,14 +41,14 @@ from isnet_cli.commands.options import device_option, fail_fast_option, model_op
 @click.option("--side-by-side", is_flag=True, help="Show the plain X-ray beside the overlay.")
 @click.option(
     "--rule",
-    type=click.Choice(["epsilon", "zplus", "alphabeta"]),
-    default="epsilon",
+    type=click.Choice(RULES),
+    default=RULES[0],
     show_default=True,
     help="LRP rule for conv/linear layers (zB at the first layer in all cases).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
 @device_option
-@fail_fast_option
+@fail_fast_option()
 @no_progress_option
 def command(
     inputs: tuple[str, ...],

@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
+from isnet_cli.io.contract import WINDOW_POLICIES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -23,14 +25,20 @@ label_column_option = click.option(
 )
 window_option = click.option(
     "--window",
-    type=click.Choice(["dicom-window", "minmax", "percentile"]),
-    default="dicom-window",
+    type=click.Choice(WINDOW_POLICIES),
+    default=WINDOW_POLICIES[0],
     show_default=True,
     help="DICOM grey-level policy: the file's VOI LUT/window, min-max, or percentiles of the pixel data.",
 )
 batch_size_option = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-fail_fast_option = click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable input.")
+
+
+def fail_fast_option(what: str = "input") -> Callable[[F], F]:
+    """`--fail-fast`: stop at the first unreadable `what` instead of reporting it and going on."""
+    return click.option("--fail-fast", is_flag=True, help=f"Stop at the first unreadable {what}.")
+
+
 no_progress_option = click.option(
     "--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal)."
 )

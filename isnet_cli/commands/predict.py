@@ -40,7 +40,7 @@ from isnet_cli.commands.options import (
     help="Two-class models: predict the second class when its probability >= this (default: argmax).",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Decoding threads (0 = up to 4).")
-@fail_fast_option
+@fail_fast_option()
 @no_progress_option
 def command(
     inputs: tuple[str, ...],
@@ -67,11 +67,11 @@ def command(
     """
     from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
+    from isnet_cli.infer.loading import load_backend
     from isnet_cli.infer.predict import (
         Failure,
         ResultsFile,
         check_threshold,
-        load_backend,
         pending,
         predict_samples,
     )

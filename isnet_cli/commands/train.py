@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from isnet_cli.commands.options import device_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
+from isnet_cli.io.contract import RESIZE_MODES
 from isnet_cli.train.config import ISNET_BG_SWAP, METHODS, OPTIMIZERS, SCHEDULERS, SELECT_BY, VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -74,7 +75,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option(
     "--img-size", type=int, default=_DEFAULTS.img_size, show_default=True, help="Input size (square, pixels)."
 )
-@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default=_DEFAULTS.resize, show_default=True)
+@click.option("--resize", type=click.Choice(RESIZE_MODES), default=_DEFAULTS.resize, show_default=True)
 @window_option
 @click.option(
     "--augment/--no-augment", default=_DEFAULTS.augment, show_default=True, help="Small affine + brightness jitter."

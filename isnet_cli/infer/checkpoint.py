@@ -8,16 +8,15 @@ ONNX path stay light.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import struct
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from isnet_cli import __version__
 from isnet_cli.errors import InputError
+from isnet_cli.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,26 +25,6 @@ FORMAT = "isnet-checkpoint/1"
 CHECKPOINT_SUFFIX = ".safetensors"
 MODEL_SUFFIXES = (CHECKPOINT_SUFFIX, ".onnx")
 _META_KEY = "isnet"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename: a killed process never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the result the permissions an ordinary open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def versions() -> dict[str, str]:

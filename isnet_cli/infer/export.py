@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from isnet_cli.errors import InputError, IsnetError, ModelError
-from isnet_cli.infer.checkpoint import atomic_write_bytes, load_checkpoint, resolve_model, versions
+from isnet_cli.infer.checkpoint import versions
+from isnet_cli.infer.loading import Checkpoint, checkpoint_path, open_checkpoint
 from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
+from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 
@@ -37,6 +39,7 @@ DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter emits opset 18 and cannot down-convert (Reduce* axes inputs)
 LOGIT_TOLERANCE = 1e-4  # max |logit_onnx - logit_torch|
 HEATMAP_TOLERANCE = 1e-3  # max |R_onnx - R_torch| / max |R_torch|
+EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 class VerificationError(IsnetError):
@@ -46,12 +49,10 @@ class VerificationError(IsnetError):
 class HeatmapGraph(nn.Module):
     """`x -> (logits, R)`: the classifier and the LRP relevance (B, C, S, S) of its predicted class."""
 
-    def __init__(self, model: nn.Module, epsilon: float, low: float, high: float) -> None:
+    def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
-        from isnet_cli.lrp import LRP
-
-        self.model = model
-        self.lrp = LRP(model, epsilon=epsilon, low=low, high=high)
+        self.model = checkpoint.model
+        self.lrp = checkpoint.lrp()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         relevance = self.lrp(x, "predicted")
@@ -180,18 +181,31 @@ def export_model(
 
     Verification runs the exported file on example batches of 1 and 3 and compares with torch.
     """
-    source = Path(resolve_model(None if model is None else str(model)))
-    if source.suffix.lower() == ".onnx":
-        raise InputError(source, "is already an exported model", "export from a checkpoint or a run folder")
+    source = checkpoint_path(model, "is already an exported model", "export from a checkpoint or a run folder")
     out = Path(out)
+    if fmt not in EXPORT_FORMATS:
+        raise InputError(None, f"unknown export format {fmt!r}", f"use {' or '.join(EXPORT_FORMATS)}")
     if fmt == "onnx" and out.suffix.lower() != ".onnx":
         raise InputError(out, "ONNX output must end in .onnx")
     if with_heatmap and fmt != "onnx":
         raise InputError(None, "--with-heatmap needs --format onnx")
-    net, meta = load_checkpoint(source, device="cpu")
-    contract = InputContract.from_dict(meta["contract"])
-    examples = [example_inputs(contract, 3, seed=0), example_inputs(contract, 1, seed=1)]
-    export_meta: dict[str, Any] = {
+    checkpoint = open_checkpoint(source, device="cpu")
+    examples = [example_inputs(checkpoint.contract, 3, seed=0), example_inputs(checkpoint.contract, 1, seed=1)]
+    export_meta = _export_record(fmt, out, source, checkpoint.contract)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        _export_onnx(checkpoint, out, export_meta, opset, dynamo, verify, with_heatmap, examples)
+    else:
+        export_meta["exporter"] = "torch.jit.trace"
+        _export_torchscript(checkpoint.model, examples, out, {**checkpoint.meta, "export": export_meta}, verify)
+    full = {**checkpoint.meta, "export": export_meta}
+    atomic_write_bytes(sidecar_path(out), (json.dumps(full, indent=2) + "\n").encode())
+    return full
+
+
+def _export_record(fmt: str, out: Path, source: Path, contract: InputContract) -> dict[str, Any]:
+    """The `export` block of the metadata, before the export itself fills in opset, exporter, verification."""
+    return {
         "format": fmt,
         "file": out.name,
         "input": {"name": INPUT_NAME, "shape": ["batch", contract.channels, contract.size, contract.size]},
@@ -203,46 +217,48 @@ def export_model(
         "heatmap": None,
         "verified": None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _export_onnx(
+    checkpoint: Checkpoint,
+    out: Path,
+    export_meta: dict[str, Any],
+    opset: int,
+    dynamo: bool,
+    verify: bool,
+    with_heatmap: bool,
+    examples: list[torch.Tensor],
+) -> None:
+    """Write `out` (and with `with_heatmap` the heatmap graph), verified; nothing is left behind on failure."""
+    if dynamo:
+        opset = max(opset, DYNAMO_MIN_OPSET)
+    export_meta.update(opset=opset, exporter="dynamo" if dynamo else "torchscript")
     written: list[Path] = []
     try:
-        if fmt == "onnx":
-            if dynamo:
-                opset = max(opset, DYNAMO_MIN_OPSET)
-            export_meta.update(opset=opset, exporter="dynamo" if dynamo else "torchscript")
-            if with_heatmap:
-                export_meta["heatmap"] = _export_heatmap(net, meta, contract, out, opset, dynamo, verify, examples)
-                written.append(out.with_name(export_meta["heatmap"]["file"]))
-            try:
-                data = _onnx_bytes(net, examples[0], [LOGITS_NAME], opset, dynamo)
-            except Exception as exc:
-                raise export_error("the classifier", exc) from exc
-            tmp = out.with_name(f".{out.name}.tmp")
-            written.append(tmp)
-            tmp.write_bytes(data)
-            if verify:
-                export_meta["verified"] = {
-                    "runtime": "onnxruntime CPU",
-                    "batches": [int(x.shape[0]) for x in examples],
-                    "max_abs_diff": verify_logits(tmp, net, examples, LOGIT_TOLERANCE),
-                    "tolerance": LOGIT_TOLERANCE,
-                }
-            # metadata last, so that the embedded copy equals the sidecar (verification result included)
-            tmp.write_bytes(_with_metadata(data, {**meta, "export": export_meta}))
-            os.replace(tmp, out)
-        elif fmt == "torchscript":
-            export_meta["exporter"] = "torch.jit.trace"
-            full = {**meta, "export": export_meta}
-            _export_torchscript(net, examples, out, full, verify)
-        else:
-            raise InputError(None, f"unknown export format {fmt!r}", "use onnx or torchscript")
+        if with_heatmap:
+            export_meta["heatmap"] = _export_heatmap(checkpoint, out, opset, dynamo, verify, examples)
+            written.append(out.with_name(export_meta["heatmap"]["file"]))
+        try:
+            data = _onnx_bytes(checkpoint.model, examples[0], [LOGITS_NAME], opset, dynamo)
+        except Exception as exc:
+            raise export_error("the classifier", exc) from exc
+        tmp = out.with_name(f".{out.name}.tmp")
+        written.append(tmp)
+        tmp.write_bytes(data)
+        if verify:
+            export_meta["verified"] = {
+                "runtime": "onnxruntime CPU",
+                "batches": [int(x.shape[0]) for x in examples],
+                "max_abs_diff": verify_logits(tmp, checkpoint.model, examples, LOGIT_TOLERANCE),
+                "tolerance": LOGIT_TOLERANCE,
+            }
+        # metadata last, so that the embedded copy equals the sidecar (verification result included)
+        tmp.write_bytes(_with_metadata(data, {**checkpoint.meta, "export": export_meta}))
+        os.replace(tmp, out)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    full = {**meta, "export": export_meta}
-    atomic_write_bytes(sidecar_path(out), (json.dumps(full, indent=2) + "\n").encode())
-    return full
 
 
 def _export_versions() -> dict[str, str]:
@@ -253,32 +269,25 @@ def _export_versions() -> dict[str, str]:
 
 
 def _export_heatmap(
-    net: nn.Module,
-    meta: dict[str, Any],
-    contract: InputContract,
-    out: Path,
-    opset: int,
-    dynamo: bool,
-    verify: bool,
-    examples: list[torch.Tensor],
+    checkpoint: Checkpoint, out: Path, opset: int, dynamo: bool, verify: bool, examples: list[torch.Tensor]
 ) -> dict[str, Any]:
     """Write `<stem>.heatmap.onnx` (outputs logits, relevance) and return its `export.heatmap` block."""
-    eps = float((meta.get("isnet") or {}).get("eps", 0.01))
-    graph = HeatmapGraph(net, epsilon=eps, low=contract.low, high=contract.high).eval()
+    graph = HeatmapGraph(checkpoint).eval()
     target = out.with_name(f"{out.stem}.heatmap.onnx")
     try:
         data = _onnx_bytes(graph, examples[0], [LOGITS_NAME, RELEVANCE_NAME], opset, dynamo)
     except Exception as exc:
         raise export_error("the LRP heatmap graph", exc) from exc
+    contract = checkpoint.contract
     block: dict[str, Any] = {
         "file": target.name,
         "outputs": [LOGITS_NAME, RELEVANCE_NAME],
         "target": "predicted",
-        "rules": {"epsilon": eps, "first_rule": "zb", "low": contract.low, "high": contract.high},
+        "rules": {"epsilon": checkpoint.epsilon, "first_rule": "zb", "low": contract.low, "high": contract.high},
         "verified": None,
     }
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(_with_metadata(data, {**meta, "export": {"opset": opset, "heatmap_graph": True}}))
+    tmp.write_bytes(_with_metadata(data, {**checkpoint.meta, "export": {"opset": opset, "heatmap_graph": True}}))
     try:
         if verify:
             block["verified"] = {

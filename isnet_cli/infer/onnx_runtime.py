@@ -106,13 +106,6 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(props[META_KEY])
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """p_c = exp(z_c - max z) / sum_k exp(z_k - max z), row-wise."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class OnnxModel:
     """An exported classifier on onnxruntime: `logits(x)` for x float32 (B, C, S, S) -> (B, K).
 

@@ -1,9 +1,10 @@
-"""Batch inference over files: checkpoint (torch) or exported ONNX (onnxruntime, no torch import).
+"""Batch inference over files: probabilities and the predicted class, for a checkpoint (torch) or an
+exported ONNX model (onnxruntime, no torch import), loaded by `isnet_cli.infer.loading`.
 
-One home for "run a model on preprocessed inputs": `load_backend` gives an object with `classes`,
-`contract`, `model_id`, `logits(x)` and, where possible, `relevance(x)`; predict, evaluate and audit
-all use it. Files are preprocessed with `isnet_cli.io.preprocess` and the contract stored with the
-model; nothing here re-implements preprocessing. Torch is imported only for checkpoints.
+One home for "run a model on preprocessed inputs" (`iter_prepared`, used by predict, evaluate and
+audit), for logits -> probabilities (`softmax`) and for the class decision with or without
+`--threshold` (`predicted_classes`). Files are preprocessed with `isnet_cli.io.preprocess` and the
+contract stored with the model; nothing here re-implements preprocessing.
 """
 
 from __future__ import annotations
@@ -15,90 +16,13 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from isnet_cli.errors import InputError, IsnetError
-from isnet_cli.infer.onnx_runtime import OnnxModel, model_id, softmax
+from isnet_cli.infer.loading import Backend
 from isnet_cli.io.contract import InputContract
-
-
-class Backend(Protocol):
-    """What predict/evaluate/audit need from a model, whatever runs it."""
-
-    path: Path
-    meta: dict[str, Any]
-    classes: list[str]
-    contract: InputContract
-    model_id: str
-
-    @property
-    def description(self) -> str: ...
-
-    @property
-    def has_relevance(self) -> bool: ...
-
-    def logits(self, x: np.ndarray) -> np.ndarray: ...
-
-    def relevance(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-class TorchModel:
-    """A checkpoint on torch; `relevance` runs the LRP engine on the predicted class."""
-
-    def __init__(self, path: Path, device: str = "auto") -> None:
-        import torch
-
-        from isnet_cli.device import resolve_device
-        from isnet_cli.infer.checkpoint import load_checkpoint
-
-        self.torch = torch
-        self.path = path
-        self.device = resolve_device(device)
-        self.model, self.meta = load_checkpoint(path, device=str(self.device))
-        self.classes = list(self.meta["classes"])
-        self.contract = InputContract.from_dict(self.meta["contract"])
-        self.model_id = model_id(path)
-        self._lrp: Any = None
-
-    @property
-    def description(self) -> str:
-        return f"{self.path.name} ({self.meta.get('arch', '?')}, torch {self.device})"
-
-    @property
-    def has_relevance(self) -> bool:
-        return True
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            out = self.model(self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
-        return out.float().cpu().numpy()
-
-    def relevance(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """LRP relevance (B, C, S, S) of the predicted class, with the epsilon and input bounds of the model."""
-        if self._lrp is None:
-            from isnet_cli.lrp import LRP
-
-            eps = float((self.meta.get("isnet") or {}).get("eps", 0.01))
-            self._lrp = LRP(self.model, epsilon=eps, low=self.contract.low, high=self.contract.high)
-        xt = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        with self.torch.no_grad():
-            r = self._lrp(xt, "predicted")
-        return self._lrp.logits.detach().float().cpu().numpy(), r.detach().float().cpu().numpy()
-
-
-def load_backend(model: str | Path | None, device: str = "auto", runs_dir: str | Path = "runs") -> Backend:
-    """Resolve `--model` (checkpoint, run folder, .onnx, or None = newest run) and load it.
-
-    An `.onnx` model runs on onnxruntime and never imports torch.
-    """
-    from isnet_cli.infer.checkpoint import resolve_model
-
-    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
-    if path.suffix.lower() == ".onnx":
-        return OnnxModel(path, device=device)
-    return TorchModel(path, device=device)
 
 
 @dataclass
@@ -132,14 +56,22 @@ class Failure:
     message: str
 
 
-def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> list[str]:
-    """Predicted class per row: argmax, or for two classes `classes[1]` iff p_1 >= threshold."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """p_c = exp(z_c - max z) / sum_k exp(z_k - max z), row-wise."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Predicted class index per row: argmax, or for two classes 1 iff p_1 >= threshold."""
     if threshold is None:
-        return [classes[i] for i in probs.argmax(axis=1)]
-    return [classes[1] if p >= threshold else classes[0] for p in probs[:, 1]]
+        return probs.argmax(axis=1)
+    return (probs[:, 1] >= threshold).astype(np.int64)
 
 
 def check_threshold(threshold: float | None, classes: list[str]) -> None:
+    """`--threshold` is for two-class models and must be a probability."""
     if threshold is None:
         return
     if len(classes) != 2:
@@ -205,13 +137,11 @@ def predict_samples(
         if good:
             x = np.stack([p.x for _, p in good])
             probs = softmax(np.asarray(backend.logits(x), dtype=np.float64))
-            for (sample, prepared), row, pred in zip(
-                good, probs, decide(probs, backend.classes, threshold), strict=True
-            ):
+            for (sample, prepared), row, pred in zip(good, probs, predicted_classes(probs, threshold), strict=True):
                 yield Prediction(
                     file=str(sample.image),
                     probabilities={c: round(float(p), 6) for c, p in zip(backend.classes, row, strict=True)},
-                    predicted=pred,
+                    predicted=backend.classes[int(pred)],
                     record=prepared.record,
                     label=getattr(sample, "label", None),
                 )

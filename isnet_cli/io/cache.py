@@ -9,15 +9,15 @@ never leave a half-written entry behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from isnet_cli.errors import InputError
+from isnet_cli.io.atomic import atomic_write_bytes
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
@@ -68,13 +68,6 @@ class ArrayCache:
             return None
 
     def put(self, key: str, **arrays: np.ndarray) -> None:
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.path(key), buffer.getvalue(), durable=False)

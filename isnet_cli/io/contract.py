@@ -7,10 +7,13 @@ re-implement preprocessing: they call `isnet_cli.io.preprocess` with it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ResizeMode = Literal["letterbox", "stretch"]
 WindowPolicy = Literal["dicom-window", "minmax", "percentile"]
+# The registries of both, for checks and for the command line's choices.
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+WINDOW_POLICIES: tuple[str, ...] = get_args(WindowPolicy)
 
 
 @dataclass(frozen=True)

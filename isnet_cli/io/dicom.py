@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.io.images import Decoded, brief, has_dicom_magic, scale_range
+from isnet_cli.io.decoded import Decoded, brief, has_dicom_magic, scale_range
 
 COMPRESSIONS = ("rle", "jpeg2000", "jpeg2000-lossy", "jpegls")
 
@@ -46,6 +46,20 @@ def _read_dataset(path: Path) -> tuple[Any, dict[str, Any]]:
     record["transfer_syntax"] = tsyntax.name
     record["transfer_syntax_uid"] = str(tsyntax)
     return ds, record
+
+
+def read_dicom_pixels(path: str | Path) -> np.ndarray:
+    """The stored pixel values of a single-frame DICOM file (no modality or VOI transform): masks."""
+    import pydicom
+
+    try:
+        arr = pydicom.dcmread(path, force=True).pixel_array
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise InputError(path, f"cannot read mask ({brief(exc)})") from None
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise InputError(path, f"mask has shape {list(arr.shape)}; expected one 2-D frame")
+    return arr
 
 
 def _check_supported(path: Path, ds: Any) -> None:

@@ -1,58 +1,33 @@
 """Turn any supported image file into a float32 (H, W) image in [0, 1], air dark, plus a record.
 
 Dispatch by content and suffix: DICOM (`isnet_cli.io.dicom`), PNG/JPEG/TIFF/BMP (Pillow),
-NIfTI/MHA/MHD/NRRD (SimpleITK, 2-D only). Every decision lands in `Decoded.record`, which
+NIfTI/MHA/MHD/NRRD (SimpleITK, 2-D only); the `Decoded` record and the helpers both readers share are
+in `isnet_cli.io.decoded`. Every decision lands in `Decoded.record`, which
 predict/explain print in their JSON so that a user can see what was done to a file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from isnet_cli.errors import InputError
+from isnet_cli.io.contract import WINDOW_POLICIES
+from isnet_cli.io.decoded import Decoded, brief, has_dicom_magic, scale_range
+from isnet_cli.io.dicom import read_dicom
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 SUPPORTED_SUFFIXES = PILLOW_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
-WINDOW_POLICIES = ("dicom-window", "minmax", "percentile")
-
-
-@dataclass
-class Decoded:
-    """`image`: float32 (H, W) in [0, 1], air dark; `record`: what was done (JSON-serialisable)."""
-
-    image: np.ndarray
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-def brief(exc: BaseException, limit: int = 140) -> str:
-    """`Type: first clause of the message`, short enough for a one-line error."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text.split(" - ")[0]
-    if len(text) > limit:
-        text = text[: limit - 3].rstrip() + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def suffix_of(path: Path) -> str:
     """Lower-case suffix, with the double suffix `.nii.gz` kept whole."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def has_dicom_magic(path: Path) -> bool:
-    """True when the file has the 128-byte preamble followed by b'DICM'."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def detect_format(path: Path) -> str:
@@ -89,26 +64,6 @@ def scale_unsigned(arr: np.ndarray, nominal_bits: int) -> tuple[np.ndarray, dict
         how = f"{nominal_bits}-bit max" if bits == nominal_bits else f"effective {bits}-bit max (image max {top})"
         how += f" ({2**bits - 1})"
     return (arr.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0), {"bits": nominal_bits, "scaling": how}
-
-
-def scale_range(
-    arr: np.ndarray, window: str, percentiles: tuple[float, float], valid: np.ndarray | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Real-valued data -> [0, 1] by min-max, or by clipping at `percentiles` (`percentile` policy).
-
-    v = (x - lo) / (hi - lo), clipped; `valid` excludes padding pixels from lo/hi.
-    """
-    values = arr[valid] if valid is not None else arr.ravel()
-    if values.size == 0:
-        values = arr.ravel()
-    if window == "percentile":
-        lo, hi = (float(v) for v in np.percentile(values, percentiles))
-        how = f"percentile {percentiles[0]}-{percentiles[1]}"
-    else:
-        lo, hi = float(values.min()), float(values.max())
-        how = "minmax"
-    out = np.zeros(arr.shape, np.float32) if hi <= lo else ((arr - lo) / (hi - lo)).astype(np.float32)
-    return out.clip(0.0, 1.0), {"scaling": how, "range": [lo, hi]}
 
 
 def to_grey(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -186,8 +141,6 @@ def load_image(
         raise InputError(path, "file not found" if not path.exists() else "not a file")
     kind = detect_format(path)
     if kind == "dicom":
-        from isnet_cli.io.dicom import read_dicom
-
         return read_dicom(path, window=window, percentiles=percentiles)
     arr, record = read_pillow_array(path) if kind == "pillow" else read_itk_array(path)
     if arr.size == 0 or min(arr.shape) < 2:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isnet_cli.errors import InputError
-from isnet_cli.io.images import SUPPORTED_SUFFIXES, has_dicom_magic, suffix_of
+from isnet_cli.io.decoded import has_dicom_magic
+from isnet_cli.io.images import SUPPORTED_SUFFIXES, suffix_of
 from isnet_cli.io.manifest import Sample, is_dataset_folder, read_dataset
 
 

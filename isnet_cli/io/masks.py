@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.io.images import brief, detect_format, read_itk_array, read_pillow_array
+from isnet_cli.io.dicom import read_dicom_pixels
+from isnet_cli.io.images import detect_format, read_itk_array, read_pillow_array
 
 ASPECT_TOLERANCE = 0.02
 
@@ -31,15 +32,7 @@ def read_mask_array(path: Path) -> np.ndarray:
     elif kind == "itk":
         arr, _ = read_itk_array(path)
     else:
-        import pydicom
-
-        try:
-            arr = pydicom.dcmread(path, force=True).pixel_array
-        except Exception as exc:  # pydicom raises many types for broken files
-            raise InputError(path, f"cannot read mask ({brief(exc)})") from None
-        arr = np.squeeze(arr)
-        if arr.ndim != 2:
-            raise InputError(path, f"mask has shape {list(arr.shape)}; expected one 2-D frame")
+        arr = read_dicom_pixels(path)
     return np.asarray(arr, dtype=np.float64)
 
 

@@ -13,9 +13,24 @@ Usage::
 
 Targets: an int, a LongTensor (B,), "predicted", "all", "selective", "stochastic". Modules:
 `graph` (capture and plan), `rules` (the LRP rules as tensor operations), `targets` (what is
-explained), `engine` (forward over the graph and the reverse pass).
+explained), `engine` (forward over the graph and the reverse pass), `names` (rule names, torch-free).
+`LRP` is imported on first use, so that `isnet_cli.lrp.names` can be read without torch.
 """
 
-from isnet_cli.lrp.engine import LRP
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from isnet_cli.lrp.engine import LRP
 
 __all__ = ["LRP"]
+
+
+def __getattr__(name: str) -> Any:
+    """`LRP`, imported with torch when first asked for (PEP 562)."""
+    if name == "LRP":
+        from isnet_cli.lrp.engine import LRP
+
+        return LRP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

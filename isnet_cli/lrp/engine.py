@@ -19,10 +19,9 @@ from torch import nn
 from isnet_cli.errors import ModelError
 from isnet_cli.lrp import graph as G
 from isnet_cli.lrp import rules
+from isnet_cli.lrp.names import FIRST_RULES, RULES
 from isnet_cli.lrp.targets import initial_message
 
-RULES = ("epsilon", "zplus", "alphabeta")
-FIRST_RULES = ("zb", "epsilon")
 _RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
 _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.onnx_runtime import softmax
+from isnet_cli.infer.predict import iter_prepared, softmax
+from isnet_cli.report.metrics import mask_shares
 
 # Verdict thresholds (documented in the report and the README).
 LUNGS_MIN_SHARE = 0.7  # "looks at the lungs": mean |R| share inside the lungs at least this ...
@@ -139,11 +140,9 @@ def run_audit(
 
     share = np.full(n, np.nan)
     if backend.has_relevance:
-        from isnet_cli.report.evaluate import mask_shares
-
         for i in range(0, n, batch_size):
             _, r = backend.relevance(x[i : i + batch_size])
-            share[i : i + batch_size] = mask_shares(r, m[i : i + batch_size])[1]
+            share[i : i + batch_size] = mask_shares(r.sum(axis=1), m[i : i + batch_size, 0])[1]
         if on_step:
             on_step("relevance")
 
@@ -310,8 +309,6 @@ def load_audit_set(
     samples: list[Any], classes: list[str], contract: Any, batch_size: int, fail_fast: bool, on_batch: Any = None
 ) -> tuple[AuditSet, list[dict[str, str]], int]:
     """Preprocess the samples that have a mask; returns the set, the failures and how many had no mask."""
-    from isnet_cli.infer.predict import iter_prepared
-
     masked = [s for s in samples if s.mask is not None]
     index = {c: i for i, c in enumerate(classes)}
     files, xs, ms, labels, failed = [], [], [], [], []
@@ -338,6 +335,6 @@ def load_audit_set(
 
 
 def write_audit(path: Path, summary: dict[str, Any], per_image: list[dict[str, Any]]) -> None:
-    from isnet_cli.infer.checkpoint import atomic_write_bytes
+    from isnet_cli.io.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps({**summary, "images": per_image}, indent=2) + "\n").encode())

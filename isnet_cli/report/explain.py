@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError, IsnetError, ModelError
+from isnet_cli.infer.loading import DEFAULT_EPSILON, Checkpoint, checkpoint_path, open_checkpoint
 from isnet_cli.io.contract import InputContract
+from isnet_cli.lrp.names import RULES
+from isnet_cli.report.metrics import mask_shares
 
-RULES = ("epsilon", "zplus", "alphabeta")
 RAW_SUFFIXES = (".npy", ".nii.gz", ".nii")
 SUMMARY_COLUMNS = (
     "file",
@@ -87,23 +89,13 @@ class Explanation:
         ]
 
 
-def mask_shares(relevance: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(Σ_in R⁺ / Σ R⁺, Σ_in |R| / Σ |R|) for a relevance map and a same-shaped bool mask (0 if no mass)."""
-    pos = np.clip(relevance, 0.0, None)
-    mag = np.abs(relevance)
-    pos_total, mag_total = float(pos.sum()), float(mag.sum())
-    pos_share = float(pos[mask].sum()) / pos_total if pos_total > 0 else 0.0
-    abs_share = float(mag[mask].sum()) / mag_total if mag_total > 0 else 0.0
-    return pos_share, abs_share
-
-
 def write_raw(path: str | Path, relevance: np.ndarray) -> Path:
     """Save an (H, W) relevance map as .npy (float32) or NIfTI (.nii/.nii.gz via SimpleITK)."""
     path = Path(path)
     name = path.name.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith(".npy"):
-        from isnet_cli.infer.checkpoint import atomic_write_bytes
+        from isnet_cli.io.atomic import atomic_write_bytes
 
         buffer = io.BytesIO()
         np.save(buffer, relevance.astype(np.float32))
@@ -118,20 +110,16 @@ def write_raw(path: str | Path, relevance: np.ndarray) -> Path:
 
 
 class Explainer:
-    """A loaded model with its class names, input contract and LRP engine."""
+    """A loaded model with its class names, input contract and LRP engine (`rule` at conv/linear layers)."""
 
-    def __init__(
-        self, model: Any, classes: list[str], contract: InputContract, rule: str, epsilon: float, device: Any
-    ) -> None:
-        from isnet_cli.lrp import LRP
-
+    def __init__(self, checkpoint: Checkpoint, rule: str, device: Any) -> None:
         if rule not in RULES:
             raise InputError(None, f"unknown rule {rule!r}", f"use one of {', '.join(RULES)}")
-        self.model = model.eval()
-        self.classes = classes
-        self.contract = contract
+        self.model = checkpoint.model.eval()
+        self.classes = checkpoint.classes
+        self.contract = checkpoint.contract
         self.device = device
-        self.lrp = LRP(model, epsilon=epsilon, low=contract.low, high=contract.high, rule=rule)
+        self.lrp = checkpoint.lrp(rule)
 
     def resolve_target(self, target: str) -> str | int:
         """'predicted', a class name or a class index -> what the engine explains."""
@@ -169,30 +157,23 @@ def load_explainer(
     """An `Explainer` for a checkpoint (`model`: file, run folder or None = newest run), or for a
     plain state dict (`arch` + `weights`, loaded with ``torch.load(weights_only=True)``; class names
     are the indices, the contract is the default 224 px letterbox)."""
-
     from isnet_cli.device import resolve_device
 
     dev = resolve_device(device)
     if arch is not None or weights is not None:
         if arch is None or weights is None:
             raise InputError(None, "--arch and --weights go together", "pass both, or --model for a checkpoint")
-        net, classes, channels = _from_state_dict(arch, weights)
-        contract = InputContract(channels=channels)
-        eps = 0.01
+        checkpoint = _from_state_dict(arch, weights)
     else:
-        from isnet_cli.infer.checkpoint import load_checkpoint, resolve_model
-
-        path = resolve_model(model, runs_dir=runs_dir)
-        if Path(path).suffix.lower() == ".onnx":
-            raise InputError(path, "LRP needs the torch checkpoint, not an ONNX export", "pass the .safetensors file")
-        net, meta = load_checkpoint(path, device="cpu")
-        classes = list(meta["classes"])
-        contract = InputContract.from_dict(meta["contract"])
-        eps = float((meta.get("isnet") or {}).get("eps", 0.01))
-    return Explainer(net.to(dev), classes, contract, rule, eps, dev)
+        path = checkpoint_path(
+            model, "LRP needs the torch checkpoint, not an ONNX export", "pass the .safetensors file", runs_dir
+        )
+        checkpoint = open_checkpoint(path, device="cpu")
+    checkpoint.model = checkpoint.model.to(dev)
+    return Explainer(checkpoint, rule, dev)
 
 
-def _from_state_dict(arch: str, weights: str) -> tuple[Any, list[str], int]:
+def _from_state_dict(arch: str, weights: str) -> Checkpoint:
     import torch
 
     from isnet_cli.backbones import build_model
@@ -218,7 +199,8 @@ def _from_state_dict(arch: str, weights: str) -> tuple[Any, list[str], int]:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise InputError(path, f"weights do not match architecture '{arch}' ({first})") from exc
-    return net, [str(i) for i in range(num_classes)], channels
+    classes = [str(i) for i in range(num_classes)]
+    return Checkpoint(net, classes, InputContract(channels=channels), DEFAULT_EPSILON, {})
 
 
 def explain_file(
@@ -235,7 +217,8 @@ def explain_file(
     shares: tuple[float | None, float | None] = (None, None)
     mask_original = None
     if prepared.mask is not None:
-        shares = mask_shares(grid, prepared.mask[0] > 0.5)
+        pos, absolute = mask_shares(grid[None], prepared.mask[:1] > 0.5)
+        shares = (float(np.nan_to_num(pos[0])), float(np.nan_to_num(absolute[0])))  # no relevance: share 0
         mask_original = unletterbox(prepared.mask[0], prepared.record) > 0.5
     return Explanation(
         file=str(image),
@@ -327,7 +310,7 @@ def explain_many(
 
 def write_summary(path: Path, explanations: list[Explanation]) -> Path:
     """summary.csv: one row per explained input (`SUMMARY_COLUMNS`), written atomically."""
-    from isnet_cli.infer.checkpoint import atomic_write_bytes
+    from isnet_cli.io.atomic import atomic_write_bytes
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -110,7 +110,7 @@ def render_heatmap(
     fig.savefig(buffer, format="png", dpi=dpi)
     data = buffer.getvalue()
     if out is not None:
-        from isnet_cli.infer.checkpoint import atomic_write_bytes
+        from isnet_cli.io.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(out), data)
     return data

@@ -50,7 +50,7 @@ from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
 from isnet_cli.objective.objective import TARGETS, Cuts, Objective, hidden_map, lds_layers, make_lrp, relevance_stats
 from isnet_cli.objective.swap import swap_backgrounds
 from isnet_cli.objective.tuning import Welford, cut_from_stats, parse_cut
-from isnet_cli.report.evaluate import confusion_matrix, macro_auroc, summary_scores
+from isnet_cli.report.metrics import classification_scores
 from isnet_cli.train import run_folder
 from isnet_cli.train.config import TrainConfig
 from isnet_cli.train.health import Health, assess, epoch_status
@@ -264,15 +264,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro-F1 and AUROC of argmax predictions: the `isnet evaluate` metrics, per epoch."""
-    if not len(labels):
-        return {"accuracy": float("nan"), "macro_f1": float("nan"), "auroc": float("nan")}
-    accuracy, _, macro_f1 = summary_scores(confusion_matrix(labels, probs.argmax(1), probs.shape[1]))
-    auroc = macro_auroc(labels, probs)
-    return {"accuracy": accuracy, "macro_f1": macro_f1, "auroc": float("nan") if auroc is None else auroc}
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -1030,7 +1021,7 @@ def _state(
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
     import io as _io
 
-    from isnet_cli.infer.checkpoint import atomic_write_bytes
+    from isnet_cli.io.atomic import atomic_write_bytes
 
     buf = _io.BytesIO()
     torch.save(state, buf)

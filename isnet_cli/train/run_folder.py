@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from isnet_cli.infer.checkpoint import atomic_write_bytes
+from isnet_cli.io.atomic import atomic_write_bytes
 
 # metrics.csv columns, in order (a column is empty where it does not apply, e.g. ood_* without --ood).
 METRIC_COLUMNS: tuple[str, ...] = (
