@@ -53,7 +53,7 @@ def make_step(arch: str, variant: str, classes: int, size: int, batch: int, devi
     torch.manual_seed(0)
     model = build_model(arch, classes).to(device).train()
     cfg = TrainConfig(arch=arch, variant=variant, img_size=size, batch_size=batch, device=str(device))
-    objective = Objective(cfg, model, device, (1.0, 25.0))
+    objective = Objective(cfg.objective_settings(), model, device, (1.0, 25.0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 1, size, size, device=device)
     mask = torch.zeros(batch, 1, size, size, device=device)

@@ -101,7 +101,8 @@ def score(run_dir: Path, manifest: Path, checkpoint: str = "best") -> Score:
     from isnet_cli.io.contract import InputContract
     from isnet_cli.io.dataset import XrayDataset, read_dataset
     from isnet_cli.lrp import LRP
-    from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
+    from isnet_cli.objective.loss import heatmap_loss
+    from isnet_cli.objective.settings import HeatmapLossParams
 
     model, meta = load_checkpoint(Path(run_dir) / f"{checkpoint}.safetensors")
     spec = read_dataset(manifest)

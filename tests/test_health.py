@@ -10,8 +10,7 @@ import torch
 from isnet_cli.backbones import build_model
 from isnet_cli.objective.objective import Objective
 from isnet_cli.train.config import TrainConfig
-from isnet_cli.train.fit import gradient_split
-from isnet_cli.train.health import CHANCE_AUROC, assess, epoch_status
+from isnet_cli.train.health import CHANCE_AUROC, assess, epoch_status, gradient_split
 
 
 def _row(auroc: float | None, accuracy: float, ce: float) -> dict[str, object]:
@@ -50,7 +49,7 @@ def test_gradient_split_matches_separately_computed_terms() -> None:
     torch.manual_seed(0)
     model = build_model("tinyresnet", 2, in_channels=1)
     cfg = TrainConfig(data="x", variant="selective", P=0.7)
-    objective = Objective(cfg, model, torch.device("cpu"), (1.0, 25.0))
+    objective = Objective(cfg.objective_settings(), model, torch.device("cpu"), (1.0, 25.0))
     x = torch.rand(4, 1, 32, 32)
     mask = torch.zeros(4, 1, 32, 32)
     mask[..., 8:24, 6:26] = 1

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from isnet_cli.errors import InputError
-from isnet_cli.objective.loss import HeatmapLossParams, foreground_band, gwrp, heatmap_loss, resize_mask, rrr_penalty
+from isnet_cli.objective.loss import foreground_band, gwrp, heatmap_loss, resize_mask, rrr_penalty
+from isnet_cli.objective.settings import HeatmapLossParams
 from isnet_cli.objective.tuning import Welford, cut_from_stats, parse_cut
 
 
@@ -162,3 +163,31 @@ def test_welford_and_cut_formula() -> None:
     assert parse_cut("1,25") == (1.0, 25.0)
     with pytest.raises(ValueError):
         parse_cut("5,1")
+
+
+def test_original_variant_loss_is_the_mean_of_the_per_class_losses() -> None:
+    """`--variant original` explains every class in one pass: its loss is (1-P)·CE + P·mean_k ℓ(R_k, M), with
+    R_k the LRP heatmap of class k computed on its own, as the reference's original ISNet."""
+    import torch.nn.functional as F
+
+    from isnet_cli.backbones import build_model
+    from isnet_cli.lrp import LRP
+    from isnet_cli.objective.objective import Objective
+    from isnet_cli.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model("tinycnn", 3).eval()
+    x = torch.rand(4, 1, 32, 32)
+    mask = torch.zeros(4, 1, 32, 32)
+    mask[..., 6:26, 4:28] = 1
+    y = torch.tensor([0, 1, 2, 1])
+    cfg = TrainConfig(variant="original", P=0.7, A=2.0, B=0.5)
+    out = Objective(cfg.objective_settings(), model, torch.device("cpu"), (0.5, 12.0))(x, mask, y)
+
+    params = HeatmapLossParams(d=cfg.d, E=cfg.E, A=2.0, B=0.5, C1=0.5, C2=12.0)
+    lrp = LRP(model, epsilon=cfg.eps, low=0.0, high=1.0)
+    per_class = [heatmap_loss(lrp(x, k), mask, params).total for k in range(3)]
+    ce = F.cross_entropy(model(x), y)
+    expected = (1 - cfg.P) * ce + cfg.P * torch.stack(per_class).mean()
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.loss, expected)

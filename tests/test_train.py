@@ -334,8 +334,9 @@ def test_lds_moves_hidden_layer_relevance_into_the_lungs(tiny_data: Path) -> Non
     from isnet_cli.io.contract import InputContract
     from isnet_cli.io.dataset import XrayDataset, read_dataset
     from isnet_cli.lrp import LRP
-    from isnet_cli.objective.loss import HeatmapLossParams, heatmap_loss
+    from isnet_cli.objective.loss import heatmap_loss
     from isnet_cli.objective.objective import Objective
+    from isnet_cli.objective.settings import HeatmapLossParams
 
     layers = ("layer1", "layer2", "layer3")
     spec = read_dataset(tiny_data)
@@ -361,7 +362,11 @@ def test_lds_moves_hidden_layer_relevance_into_the_lungs(tiny_data: Path) -> Non
         model = build_model("tinyresnet", 2)
         cuts = {n: (1.0, 25.0) for n in layers} if lds else None
         objective = Objective(
-            TrainConfig(arch="tinyresnet", P=0.9, lds=lds), model, torch.device("cpu"), (1.0, 25.0), cuts
+            TrainConfig(arch="tinyresnet", P=0.9, lds=lds).objective_settings(),
+            model,
+            torch.device("cpu"),
+            (1.0, 25.0),
+            cuts,
         )
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(40):
@@ -453,7 +458,7 @@ def test_background_swap_defaults_to_the_isnet_variants_only() -> None:
 
 def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """With --warm-start the ISNet's first step starts from the warmed-up weights, otherwise from a fresh model."""
-    import isnet_cli.train.fit as T
+    import isnet_cli.train.trainer as T
 
     seen: dict[bool, list[torch.Tensor]] = {}
     real = T.Trainer.tune_cut

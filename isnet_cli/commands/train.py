@@ -11,7 +11,8 @@ from click.core import ParameterSource
 from isnet_cli.commands.options import device_option, no_progress_option, window_option
 from isnet_cli.errors import InputError
 from isnet_cli.io.contract import RESIZE_MODES
-from isnet_cli.train.config import ISNET_BG_SWAP, METHODS, OPTIMIZERS, SCHEDULERS, SELECT_BY, VARIANTS, TrainConfig
+from isnet_cli.objective.settings import METHODS, VARIANTS
+from isnet_cli.train.config import ISNET_BG_SWAP, OPTIMIZERS, SCHEDULERS, SELECT_BY, TrainConfig
 
 _DEFAULTS = TrainConfig()
 _ARCHS = (

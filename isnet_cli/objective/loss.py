@@ -23,24 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from isnet_cli.errors import InputError
+from isnet_cli.objective.settings import HeatmapLossParams
 
 # The reference caps the background activation b at 1 - 1e-7, so ℓ_bg <= -log(1e-7) ≈ 16.1.
 _B_CAP = 1.0 - 1e-7
 _NORM_EPS = 1e-10
 # Positions whose GWRP weight d^i falls below this (relative to d^0 = 1) cannot change an fp32 sum.
 _GWRP_TAIL = 1e-9
-
-
-@dataclass(frozen=True)
-class HeatmapLossParams:
-    """Hyper-parameters of the heatmap loss (defaults of DESIGN.md; C1/C2 usually tuned, see `tuning`)."""
-
-    d: float = 0.9
-    E: float = 1.0
-    A: float = 1.0
-    B: float = 1.0
-    C1: float = 1.0
-    C2: float = 25.0
 
 
 @dataclass

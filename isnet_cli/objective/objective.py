@@ -1,8 +1,10 @@
 """One batch's training objective: CE, the ISNet heatmap loss through the LRP engine (optionally with
-LRP deep supervision), or the RRR penalty, as `isnet train` configures it.
+LRP deep supervision), or the RRR penalty.
 
-`Objective(cfg, model, device, cut, lds_cuts)(x, mask, y)` runs the training forward, the relevance
-pass and the loss in one graph and returns a `StepOutput`; `Cuts` carries the foreground bounds C1/C2.
+`Objective(settings, model, device, cut, lds_cuts)(x, mask, y)` runs the training forward, the relevance
+pass and the loss in one graph and returns a `StepOutput`. `ObjectiveSettings` holds every parameter
+the loss depends on (the training configuration builds it: `TrainConfig.objective_settings`); `Cuts`
+carries the foreground bounds C1/C2.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from isnet_cli.errors import InputError, ModelError
-from isnet_cli.objective.loss import HeatmapLossParams, gwrp, heatmap_loss, rrr_penalty, total_loss
-from isnet_cli.train.config import TrainConfig
-
-# variant -> the LRP target explained during training ("original": one map per class)
-TARGETS = {"selective": "selective", "stochastic": "stochastic", "original": "all"}
+from isnet_cli.objective.loss import gwrp, heatmap_loss, rrr_penalty, total_loss
+from isnet_cli.objective.settings import TARGETS, HeatmapLossParams, ObjectiveSettings
 
 
 @dataclass
@@ -36,25 +35,6 @@ class StepOutput:
     mass: torch.Tensor | None = None  # (B,) whole-map Σ|R| (the C1/C2 statistic)
 
 
-@dataclass(frozen=True)
-class Cuts:
-    """Foreground bounds (C1, C2) of the heatmap loss, how they were found, and with LRP deep
-    supervision one pair per hidden layer (in layer order)."""
-
-    input: tuple[float, float] | None
-    source: str
-    hidden: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """The JSON form kept in config.json, checkpoints and the resume state."""
-        return {
-            "C1": self.input[0] if self.input else None,
-            "C2": self.input[1] if self.input else None,
-            "cut_source": self.source,
-            "lds_cuts": {name: list(c) for name, c in self.hidden.items()} or None,
-        }
-
-
 class Objective:
     """Computes the training / validation loss of one batch for the configured variant and method.
 
@@ -64,19 +44,18 @@ class Objective:
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        settings: ObjectiveSettings,
         model: nn.Module,
         device: torch.device,
         cut: tuple[float, float] | None,
         lds_cuts: dict[str, tuple[float, float]] | None = None,
     ):
-        self.cfg, self.model, self.device = cfg, model, device
-        self.params = HeatmapLossParams(cfg.d, cfg.E, cfg.A, cfg.B, *(cut or (1.0, 25.0)))
-        self.lds_params = {
-            name: HeatmapLossParams(cfg.d, cfg.E, cfg.A, cfg.B, *c) for name, c in (lds_cuts or {}).items()
-        }
-        self.lrp = make_lrp(model, cfg, tuple(self.lds_params)) if cfg.uses_lrp_loss else None
-        self.amp = cfg.amp and device.type == "cuda"
+        self.settings, self.model, self.device = settings, model, device
+        base = settings.loss
+        self.params = dataclasses.replace(base, C1=cut[0], C2=cut[1]) if cut else base
+        self.lds_params = {name: dataclasses.replace(base, C1=c[0], C2=c[1]) for name, c in (lds_cuts or {}).items()}
+        self.lrp = make_lrp(model, settings, tuple(self.lds_params)) if settings.uses_lrp_loss else None
+        self.amp = settings.amp and device.type == "cuda"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast("cuda", enabled=True) if self.amp else contextlib.nullcontext()
@@ -88,22 +67,22 @@ class Objective:
 
         `P` overrides the configured weight (the ramp); validation always uses the configured P.
         """
-        P = self.cfg.P if P is None else P
+        P = self.settings.P if P is None else P
         zero = torch.zeros((), device=x.device)
-        if self.cfg.method == "rrr" and heat:
+        if self.settings.method == "rrr" and heat:
             x = x.detach().requires_grad_(True)
             with self._autocast():
                 logits = self.model(x)
             ce = F.cross_entropy(logits.float(), y)
             penalty = rrr_penalty(x, logits, mask)
-            return StepOutput(ce + self.cfg.rrr_lambda * penalty, ce, penalty.detach(), zero, logits.detach())
+            return StepOutput(ce + self.settings.rrr_lambda * penalty, ce, penalty.detach(), zero, logits.detach())
         if self.lrp is None or not heat or P == 0:
             with self._autocast():
                 logits = self.model(x)
             ce = F.cross_entropy(logits.float(), y)
             return StepOutput(ce, ce, zero, zero, logits.detach())
         with self._autocast():  # the engine runs its relevance pass in fp32 whatever the forward did
-            relevance = self.lrp(x, TARGETS[self.cfg.variant])
+            relevance = self.lrp(x, TARGETS[self.settings.variant])
         logits = self.lrp.logits
         ce = F.cross_entropy(logits.float(), y)
         parts = heatmap_loss(relevance, mask, self.params)
@@ -112,7 +91,7 @@ class Objective:
             layer_losses = [
                 heatmap_loss(hidden_map(self.lrp, name), mask, p).total for name, p in self.lds_params.items()
             ]
-            heat = gwrp(torch.stack([heat, *layer_losses]), self.cfg.lds_decay)
+            heat = gwrp(torch.stack([heat, *layer_losses]), self.settings.lds_decay)
         loss = total_loss(ce, heat, P)
         return StepOutput(
             loss,
@@ -125,10 +104,11 @@ class Objective:
         )
 
 
-def make_lrp(model: nn.Module, cfg: TrainConfig, hidden: Sequence[str] = ()) -> Any:
+def make_lrp(model: nn.Module, settings: ObjectiveSettings, hidden: Sequence[str] = ()) -> Any:
+    """The training LRP engine: the settings' epsilon and zB bounds, recording relevance at `hidden` layers."""
     from isnet_cli.lrp import LRP
 
-    return LRP(model, epsilon=cfg.eps, low=0.0, high=1.0, hidden=hidden)
+    return LRP(model, epsilon=settings.epsilon, low=settings.low, high=settings.high, hidden=hidden)
 
 
 def hidden_map(lrp: Any, name: str) -> torch.Tensor:
@@ -142,18 +122,16 @@ def hidden_map(lrp: Any, name: str) -> torch.Tensor:
     return relevance
 
 
-def lds_layers(cfg: TrainConfig, model: nn.Module) -> tuple[str, ...]:
-    """The hidden layers of LRP deep supervision: --lds-layers, or the architecture's default."""
+def lds_layers(model: nn.Module, arch: str, names: Sequence[str] | None) -> tuple[str, ...]:
+    """The hidden layers of LRP deep supervision: `names` (--lds-layers), or the architecture's default."""
     from isnet_cli.backbones import default_lds_layers
 
-    if not cfg.lds:
-        return ()
-    names = cfg.lds_layer_names or default_lds_layers(cfg.arch, model)
+    names = names or default_lds_layers(arch, model)
     if not names:
         children = ", ".join(name for name, _ in model.named_children())
         raise InputError(
             None,
-            f"--lds: no default hidden layers for --arch {cfg.arch}",
+            f"--lds: no default hidden layers for --arch {arch}",
             f"name them with --lds-layers (module paths; top-level modules: {children})",
         )
     from isnet_cli.lrp.graph import layer_output, trace

@@ -6,7 +6,7 @@ training sample with Welford's algorithm, and
 
     C1 = max(μ/5, μ - 3σ),    C2 = min(25·C1, μ + 3σ)
 
-(σ the sample standard deviation). The warm-up loop itself lives in `isnet_cli.train`.
+(σ the sample standard deviation). The warm-up loop itself lives in `isnet_cli.train.trainer`.
 """
 
 from __future__ import annotations

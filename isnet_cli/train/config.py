@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from isnet_cli.errors import InputError
+from isnet_cli.io.contract import InputContract
+from isnet_cli.objective.settings import METHODS, VARIANTS, HeatmapLossParams, ObjectiveSettings, uses_heatmap_loss
+from isnet_cli.objective.tuning import parse_cut
 
-VARIANTS = ("selective", "stochastic", "original", "none")
-METHODS = ("isnet", "rrr")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
 SELECT_BY = ("loss", "accuracy", "auroc", "macro_f1")
 # Default --bg-swap of the ISNet variants: every training image gets another image's background
 # (measured in benchmarks/convergence.py: 0.5 left the model using the marker a little).
 ISNET_BG_SWAP = 1.0
+_LOSS = HeatmapLossParams()  # the heatmap loss's own defaults are the options' defaults
 
 
 @dataclass
@@ -51,10 +53,10 @@ class TrainConfig:
     method: str = "isnet"
     P: float = 0.7
     ramp: int = 0
-    d: float = 0.9
-    E: float = 1.0
-    A: float = 1.0
-    B: float = 1.0
+    d: float = _LOSS.d
+    E: float = _LOSS.E
+    A: float = _LOSS.A
+    B: float = _LOSS.B
     eps: float = 0.01
     cut: str = "auto"
     cut_epochs: int = 5
@@ -108,8 +110,6 @@ class TrainConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(None, f"--{name}: invalid value {getattr(self, name.replace('-', '_'))!r}", expected)
-        from isnet_cli.objective.tuning import parse_cut  # the isnet package imports torch
-
         try:
             parse_cut(self.cut)
         except ValueError as exc:
@@ -131,7 +131,27 @@ class TrainConfig:
 
     @property
     def uses_lrp_loss(self) -> bool:
-        return self.method == "isnet" and self.variant != "none"
+        return uses_heatmap_loss(self.method, self.variant)
+
+    def contract(self) -> InputContract:
+        """The input contract of the trained model (recorded in its checkpoints)."""
+        return InputContract(size=self.img_size, channels=1, resize=self.resize, window=self.window)
+
+    def objective_settings(self) -> ObjectiveSettings:
+        """The per-batch loss's parameters; the LRP zB bounds are the contract's value range."""
+        contract = self.contract()
+        return ObjectiveSettings(
+            variant=self.variant,
+            method=self.method,
+            P=self.P,
+            loss=HeatmapLossParams(self.d, self.E, self.A, self.B),
+            epsilon=self.eps,
+            low=contract.low,
+            high=contract.high,
+            lds_decay=self.lds_decay,
+            rrr_lambda=self.rrr_lambda,
+            amp=self.amp,
+        )
 
     @property
     def lds_layer_names(self) -> list[str] | None:

@@ -11,7 +11,8 @@ lungs with no class evidence (the degenerate optimum). Its signs, read from the 
 
 `epoch_status` labels one metrics.csv row (the `health` column); `assess` gives the verdict of a
 finished run, with the likely cause and what to try, for the terminal and the model card.
-No torch here.
+`step_diagnostics` is one row of steps.csv: the loss terms, relevance mass, logit range and gradient
+norms of one training step (`gradient_split`: the CE and heatmap parts of the gradient).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import nn
 
 CHANCE_AUROC = 0.6
 CHANCE_MARGIN = 0.05
@@ -104,3 +108,41 @@ def assess(
 def _fmt(row: Mapping[str, Any], key: str) -> str:
     value = _number(row, key)
     return "n/a" if value is None else f"{value:.3f}"
+
+
+# steps.csv: the per-term gradient norms cost one extra plain backward, so only every this many steps.
+GRAD_TERMS_EVERY = 10
+
+
+def gradient_split(model: nn.Module, ce_grads: list[torch.Tensor | None], ce_weight: float) -> tuple[float, float]:
+    """Norms of the CE part (1-P)·∂CE/∂θ of the current (unclipped) gradient and of the rest, the heatmap part."""
+    ce_sq = heat_sq = 0.0
+    for p, g in zip((p for p in model.parameters() if p.requires_grad), ce_grads, strict=True):
+        if p.grad is None:
+            continue
+        ce_part = ce_weight * g if g is not None else torch.zeros_like(p.grad)
+        ce_sq += float(ce_part.double().pow(2).sum())
+        heat_sq += float((p.grad - ce_part).double().pow(2).sum())
+    return math.sqrt(ce_sq), math.sqrt(heat_sq)
+
+
+def step_diagnostics(
+    phase: str, epoch: int, step: int, out: Any, norm: torch.Tensor | None, split: tuple[float, float] | None
+) -> dict[str, Any]:
+    """One steps.csv row: the loss terms, the explained quantity's relevance mass (Σ|R|), the logit range,
+    the gradient norm before clipping and, every `GRAD_TERMS_EVERY` steps, its CE and heatmap parts."""
+    logits = out.logits.float()
+    return {
+        "phase": phase,
+        "epoch": epoch + 1,
+        "step": step + 1,
+        "loss": out.loss.item(),
+        "ce": out.ce.item(),
+        "background": out.background.item(),
+        "foreground": out.foreground.item(),
+        "relevance_mass": out.mass.mean().item() if out.mass is not None else None,
+        "logit_range": (logits.amax(1) - logits.amin(1)).mean().item(),
+        "grad_norm": norm.item() if norm is not None else None,
+        "grad_ce": split[0] if split else None,
+        "grad_heat": split[1] if split else None,
+    }

@@ -1,12 +1,14 @@
-"""The run folder `runs/<name>/`: naming, metrics.csv, config files, curves.png, heatmap grids, card.md.
+"""The run folder `runs/<name>/`: naming, metrics.csv and steps.csv, config files, curves.png,
+diagnostics.png, heatmap grids, the checkpoint metadata, and finding a run to resume (card.md: `card`).
 
-No torch here (metrics take numpy arrays): `isnet info` and other light commands can read runs cheaply.
-Every file is written atomically (temp file + rename) through `checkpoint.atomic_write_bytes`.
+No torch here (metrics take numpy arrays): light commands and tests can read runs cheaply. Every file
+is written atomically (temp file + rename) through `isnet_cli.io.atomic`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -16,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from isnet_cli.console import console
+from isnet_cli.errors import InputError
 from isnet_cli.io.atomic import atomic_write_bytes
+from isnet_cli.io.contract import InputContract
+from isnet_cli.objective.settings import Cuts
+from isnet_cli.train.config import TrainConfig
+
+# The resume state beside `last.safetensors` (see `isnet_cli.train.state`).
+STATE_FILE = "last.state.pt"
+STEPS_FILE = "steps.csv"
 
 # metrics.csv columns, in order (a column is empty where it does not apply, e.g. ood_* without --ood).
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -40,7 +51,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "seconds",
     "health",
 )
-# steps.csv columns: one row per training step (warm-up included), see `isnet_cli.train.step_diagnostics`.
+# steps.csv columns: one row per training step (warm-up included), see `isnet_cli.train.health.step_diagnostics`.
 STEP_COLUMNS: tuple[str, ...] = (
     "phase",
     "epoch",
@@ -221,102 +232,74 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-# ---------------------------------------------------------------------------------------------- card
+# ---------------------------------------------------------------------------------------------- run folder and resume
 
 
-def model_card(
-    config: dict[str, Any], meta: dict[str, Any], best: dict[str, Any] | None, run_dir: Path, health: str = ""
-) -> str:
-    """card.md: what the model is, what it was trained on, how well it did, and how to use it."""
-    isnet = meta.get("isnet", {})
-    data = meta.get("data", {})
-    contract = meta.get("contract", {})
-    variant = isnet.get("variant")
-    kind = (
-        "a standard classifier (no heatmap loss; baseline)"
-        if variant == "none" and isnet.get("method") != "rrr"
-        else "a Right-for-the-Right-Reasons classifier (input-gradient penalty on the background)"
-        if isnet.get("method") == "rrr"
-        else f"an ISNet ({variant}): trained so its LRP relevance stays inside the mask"
-    )
-    lines = [
-        f"# Model card: {run_dir.name}",
-        "",
-        f"**What it is**: {kind}, architecture `{meta.get('arch')}`, classes {meta.get('classes')}.",
-        "",
-        "## Intended use",
-        "Research on chest X-ray classification and background-bias mitigation. Not a medical device: do not use",
-        "it for diagnosis. Masks were needed only for training; at run time it is the plain classifier.",
-        "",
-        "## Input",
-        f"- {contract.get('channels', 1)} channel(s), {contract.get('size')} x {contract.get('size')} px, "
-        f"resize `{contract.get('resize')}`, DICOM window `{contract.get('window')}`, values in "
-        f"[{contract.get('low', 0.0)}, {contract.get('high', 1.0)}] (air dark).",
-        "- `isnet predict/explain/evaluate` apply this preprocessing from the checkpoint automatically.",
-        "",
-        "## Training data",
-        f"- manifest: `{data.get('manifest')}` (sha256 {str(data.get('sha256', ''))[:16]}...)",
-        f"- training samples per class: {data.get('train_counts')}",
-        f"- validation samples per class: {data.get('val_counts')} ({data.get('val_source')})",
-    ]
-    if data.get("ood_manifest"):
-        lines.append(f"- out-of-distribution set: `{data.get('ood_manifest')}` ({data.get('ood_count')} images)")
-    lines += [
-        "",
-        "## Training",
-        f"- variant `{variant}`, method `{isnet.get('method')}`, P={isnet.get('P')}, d={isnet.get('d')}, "
-        f"E={isnet.get('E')}, A={isnet.get('A')}, B={isnet.get('B')}, LRP eps={isnet.get('eps')}, "
-        f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')}), "
-        f"background swap {isnet.get('background_swap', 0)}" + _lds_text(isnet),
-        f"- optimizer {config.get('optimizer')} lr {config.get('lr')}, {config.get('epochs')} epochs, batch "
-        f"{config.get('batch_size')}, scheduler {config.get('scheduler')}, seed {config.get('seed')}, "
-        f"deterministic {config.get('deterministic')}",
-        f"- full configuration: `config.json`; re-run with `isnet train --config {run_dir / 'config.yaml'}`",
-        "",
-        "## Results (validation, selected checkpoint `best.safetensors`)",
-    ]
-    if best:
-        for key in (
-            "epoch",
-            "val_loss",
-            "val_accuracy",
-            "val_macro_f1",
-            "val_auroc",
-            "val_share_inside",
-            "ood_accuracy",
-        ):
-            if best.get(key) not in (None, ""):
-                lines.append(f"- {key}: {_num(best[key])}")
-        lines.append(f"- selected by: {config.get('select_by')}")
-    else:
-        lines.append("- no completed epoch")
-    if health:
-        lines += ["", "## Training health", f"- {health}"]
-    lines += [
-        "",
-        "`val_share_inside` is the mean fraction of the absolute LRP relevance that falls inside the mask",
-        "(1.0 = the model looks only at the lungs). See `metrics.csv` and `curves.png` for every epoch.",
-        "",
-        "## Limitations",
-        "- Validation figures are i.i.d.: performance on other hospitals, devices or populations is unknown",
-        "  until measured (`isnet evaluate`, `isnet audit`).",
-        "- Relevance inside the lungs does not prove the model uses clinically meaningful features.",
-        "",
-    ]
-    return "\n".join(lines)
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """OUT/NAME (NAME: --name or the next run-NNN); an existing non-empty folder is refused."""
+    out = Path(cfg.out)
+    name = cfg.name or next_run_name(out)
+    run_dir = out / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(run_dir, "run folder already exists", "pick another --name, or continue it with --resume")
+    return run_dir
 
 
-def _num(value: Any) -> str:
-    try:
-        return f"{float(value):.4g}"
-    except (TypeError, ValueError):
-        return str(value)
+def find_resume(path: str | Path) -> Path:
+    """`--resume` accepts the run folder or a checkpoint inside it; returns the run folder."""
+    p = Path(path)
+    run_dir = p if p.is_dir() else p.parent
+    if not (run_dir / STATE_FILE).is_file() or not (run_dir / "config.json").is_file():
+        raise InputError(
+            p, "not a resumable run (no last.state.pt / config.json)", "pass a run folder written by `isnet train`"
+        )
+    return run_dir
 
 
-def _lds_text(isnet: dict[str, Any]) -> str:
-    """The model card's note on LRP deep supervision: each hidden layer with its C1/C2."""
-    cuts = isnet.get("lds_cuts")
-    if not cuts:
-        return ""
-    layers = ", ".join(f"`{name}` C1={_num(c[0])} C2={_num(c[1])}" for name, c in cuts.items())
-    return f"; LRP deep supervision (GWRP decay {isnet.get('lds_decay')} over layers): {layers}"
+def load_resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's own config, with the runtime options (`TrainConfig.RUNTIME`) the user gave again."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
+    changed = {k: v for k, v in overrides.items() if k in TrainConfig.RUNTIME}
+    ignored = sorted(k for k, v in overrides.items() if k not in TrainConfig.RUNTIME and getattr(cfg, k, v) != v)
+    if ignored:
+        console.print(f"[yellow]--resume: ignoring {', '.join(ignored)} (the run keeps its own settings)[/yellow]")
+    return dataclasses.replace(cfg, out=str(run_dir.parent), name=run_dir.name, **changed)
+
+
+def checkpoint_meta(
+    cfg: TrainConfig,
+    classes: list[str],
+    contract: InputContract,
+    cuts: Cuts,
+    data_summary: dict[str, Any],
+    row: dict[str, Any],
+) -> dict[str, Any]:
+    """The metadata of a checkpoint written after the epoch of metrics `row` (see `isnet_cli.infer.checkpoint`)."""
+    isnet = {
+        "variant": cfg.variant,
+        "method": cfg.method,
+        "P": cfg.P if cfg.uses_lrp_loss else 0.0,
+        "d": cfg.d,
+        "E": cfg.E,
+        "A": cfg.A,
+        "B": cfg.B,
+        "eps": cfg.eps,
+        **cuts.record(),
+        "lds_decay": cfg.lds_decay if cuts.hidden else None,
+        "rrr_lambda": cfg.rrr_lambda if cfg.method == "rrr" else None,
+        "background_swap": cfg.background_swap,
+    }
+    return {
+        "arch": cfg.arch,
+        "num_classes": len(classes),
+        "in_channels": contract.channels,
+        "pretrained": cfg.pretrained,
+        "classes": classes,
+        "contract": contract.to_dict(),
+        "isnet": isnet,
+        "metrics": row,
+        "data": data_summary,
+        "epoch": row.get("epoch"),
+    }
