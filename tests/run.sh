@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command of the README: sets up ./.venv if needed, lints, runs the whole test suite.
+# The test command of the README: sets up ./.venv if needed, lints (ruff, import layers), runs the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
 .venv/bin/ruff check isnet_cli tests benchmarks
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"
