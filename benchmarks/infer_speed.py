@@ -1,9 +1,9 @@
 """Inference speed: torch eager vs onnxruntime CPU, and the cold start of `isnet predict` (ONNX vs checkpoint).
 
 Prints ratios measured side by side in one run (torch and onnxruntime runs alternate, so that load
-from other processes hits both alike). Goals (DESIGN.md): onnxruntime CPU latency <= 0.6x torch eager
-at batch 1 on DenseNet-121, outputs equal within 1e-4; `isnet predict` on an ONNX model starts well
-faster than on a checkpoint (it never imports torch).
+from other processes hits both alike). Targets this benchmark checks: onnxruntime CPU latency <= 0.6x
+torch eager at batch 1 on DenseNet-121, outputs equal within 1e-4; `isnet predict` on an ONNX model
+starts well faster than on a checkpoint (it never imports torch).
 
     .venv/bin/python benchmarks/infer_speed.py                 # DenseNet-121 and ResNet-18, 224 px
     .venv/bin/python benchmarks/infer_speed.py --archs resnet18 --repeats 5 --size 128

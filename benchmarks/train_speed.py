@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                       # ResNet-18 and DenseNet-121, 128 px, batch 8
     python benchmarks/train_speed.py --arch resnet18 --steps 5 --device cuda
 
-A step is the production step of `isnet_cli.train.Objective`: forward (through the LRP engine for ISNet
+A step is the production step of `isnet_cli.objective.objective.Objective`: forward (through the LRP engine for ISNet
 variants), loss, backward, gradient clipping and an AdamW update. Variants are timed side by side,
 interleaved round-robin, and the median step time is reported, so machine load hits all of them alike.
 
@@ -16,7 +16,7 @@ fragmentation inflates it), and with MALLOC_MMAP_THRESHOLD_=65536 ("live"), wher
 is its own mapping returned to the OS when freed, so the peak follows the live tensors (the CPU
 counterpart of CUDA's max_memory_allocated; too slow for the timed runs).
 
-Goals (DESIGN.md): selective <= 3.0x plain; original with 3 classes <= 6x plain on DenseNet-121;
+Targets this benchmark checks: selective <= 3.0x plain; original with 3 classes <= 6x plain on DenseNet-121;
 peak memory <= 2.5x plain.
 """
 

@@ -166,7 +166,7 @@ def _torchvision_model(
     constructor, weights = _TORCHVISION[arch]
     if not pretrained:
         model = constructor(num_classes=num_classes)
-        _replace_first_conv(model, in_channels, fold_imagenet=False, bias=pretrained_layout)
+        replace_first_conv(model, in_channels, fold_imagenet=False, bias=pretrained_layout)
         return model
     try:
         model = constructor(weights=weights)
@@ -177,7 +177,7 @@ def _torchvision_model(
             "connect to the internet once (torchvision caches them in ~/.cache/torch) or train without --pretrained",
         ) from exc
     _replace_head(model, num_classes)
-    _replace_first_conv(model, in_channels, fold_imagenet=True)
+    replace_first_conv(model, in_channels, fold_imagenet=True)
     return model
 
 
@@ -189,7 +189,7 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     raise ModelError("model has no Conv2d layer to adapt to the input channels")
 
 
-def _replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool, bias: bool = False) -> None:
+def replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool, bias: bool = False) -> None:
     """Give the first conv `in_channels` inputs; with ImageNet weights, fold the normalisation into it.
 
     A grey image x repeated to RGB and normalised, (x - m_c) / s_c, gives

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,7 +283,8 @@ def test_bad_target_is_input_error() -> None:
 
 
 def test_distributed_data_parallel_wrapper() -> None:
-    """LRP(DDP(model)): the wrapped module is traced and DDP sees the forward (gloo, one process)."""
+    """LRP(DDP(model)) traces the wrapped module: its training heatmap, logits and gradients equal those of
+    LRP on the plain model (gloo, one process: DDP's all-reduce averages over one rank)."""
     import socket
 
     import torch.distributed as dist
@@ -294,11 +297,19 @@ def test_distributed_data_parallel_wrapper() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         model = _tiny().train()
-        lrp = LRP(nn.parallel.DistributedDataParallel(model))
+        plain = copy.deepcopy(model)
+        wrapped_lrp, plain_lrp = LRP(nn.parallel.DistributedDataParallel(model)), LRP(plain)
+        y = torch.tensor([0, 1, 2, 0])
         for _ in range(2):
-            r = lrp(torch.rand(4, 1, 16, 16), "selective")
-            (F.cross_entropy(lrp.logits, torch.tensor([0, 1, 2, 0])) + r.abs().mean()).backward()
-        assert model.c1.weight.grad is not None and torch.isfinite(model.c1.weight.grad).all()
+            x = torch.rand(4, 1, 16, 16)
+            r, expected = wrapped_lrp(x, "selective"), plain_lrp(x, "selective")
+            torch.testing.assert_close(r, expected)
+            torch.testing.assert_close(wrapped_lrp.logits, plain_lrp.logits)
+            (F.cross_entropy(wrapped_lrp.logits, y) + r.abs().mean()).backward()
+            (F.cross_entropy(plain_lrp.logits, y) + expected.abs().mean()).backward()
+        for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{name}: {m}")
     finally:
         dist.destroy_process_group()
 
