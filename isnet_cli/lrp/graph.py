@@ -275,6 +275,7 @@ def _module_path(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def _classify(gm: fx.GraphModule, node: fx.Node) -> Step:
+    """The reverse-pass step of one graph node: which rule, and what to run it with."""
     name = _module_path(gm, node)
     if node.op == "placeholder":
         return Step(node, INPUT, name)
@@ -283,96 +284,117 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> Step:
     if node.op == "get_attr":
         return Step(node, NOOP, name, fn=None)
     inputs = _tensor_inputs(node)
+    step = None
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        kind = None
-        if isinstance(module, _CONV_MODULES):
-            if module.padding_mode != "zeros" or (isinstance(module.padding, str) and module.padding != "valid"):
-                raise ModelError(
-                    f"unsupported convolution at {name}: padding {module.padding!r}, mode "
-                    f"{module.padding_mode!r}; LRP supports numeric zero padding"
-                )
-            kind = CONV
-        elif isinstance(module, nn.Linear):
-            kind = LINEAR
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            kind = BN
-        elif isinstance(module, _MAXPOOL_MODULES):
-            step = Step(node, MAXPOOL, name, module=module, tensor_inputs=inputs[:1])
-            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
-            step.fn = _maxpool_with_indices(pool, module)
-            step.returns_indices = True
-            return step
-        elif isinstance(module, _AVGPOOL_MODULES):
-            kind = AVGPOOL
-        elif isinstance(module, _ACT_MODULES):
-            kind = ACT
-        elif isinstance(module, _PASS_MODULES) or type(module).__name__ == "StochasticDepth":
-            kind = PASS
-        if kind is None:
+        step = _classify_module(gm.get_submodule(str(node.target)), node, name, inputs)
+    elif node.op == "call_function":
+        step = _classify_function(node, name, inputs)
+    elif node.op == "call_method":
+        step = _classify_method(node, name, inputs)
+    if step is None:
+        raise ModelError(
+            f"unsupported operation for LRP at {name}; supported: conv, linear, batch norm, pooling, add, "
+            "concatenation, flatten, dropout and element-wise activations"
+        )
+    return step
+
+
+def _module_kind(module: nn.Module, name: str) -> str | None:
+    """The rule of a module that is not max pooling (None: unsupported)."""
+    if isinstance(module, _CONV_MODULES):
+        if module.padding_mode != "zeros" or (isinstance(module.padding, str) and module.padding != "valid"):
             raise ModelError(
-                f"unsupported layer for LRP at {name}; supported: conv, linear, batch norm, pooling, "
-                "add, concatenation, flatten, dropout and element-wise activations"
+                f"unsupported convolution at {name}: padding {module.padding!r}, mode "
+                f"{module.padding_mode!r}; LRP supports numeric zero padding"
             )
-        runner = _out_of_place_module(module)
-        step = Step(node, kind, name, fn=runner, module=module, tensor_inputs=inputs[:1])
-        step.gate_like = isinstance(module, _GATE_MODULES)
-        return step
-    if node.op == "call_function":
-        target = node.target
-        fn = _function_caller(target)
-        if target in _MAXPOOL_FUNCS:
-            step = Step(node, MAXPOOL, name, fn=_maxpool_fn_with_indices(target), tensor_inputs=inputs[:1])
-            step.returns_indices = True
-            return step
-        if target in _CAT_FUNCS:
-            return Step(node, CAT, name, fn=fn, tensor_inputs=inputs)
-        if target is F.linear:
-            return Step(node, LINEAR, name, fn=fn, tensor_inputs=inputs[:1])
-        table = [
-            (_ACT_FUNCS, ACT),
-            (_PASS_FUNCS, PASS),
-            (_ADD_FUNCS, ADD),
-            (_SUB_FUNCS, SUB),
-            (_MUL_FUNCS, MUL),
-            (_DIV_FUNCS, DIV),
-            (_AVGPOOL_FUNCS, AVGPOOL),
-            (_NOOP_FUNCS, NOOP),
-        ]
-        for funcs, kind in table:
-            if target in funcs:
-                keep = inputs if kind in (ADD, SUB, MUL, DIV) else inputs[:1]
-                step = Step(node, kind, name, fn=fn, tensor_inputs=keep)
-                step.gate_like = target in _GATE_FUNCS
-                return step
-        if _is_stochastic_depth(target):
-            return Step(node, PASS, name, fn=fn, tensor_inputs=inputs[:1])
-        if target is operator.getitem:
-            return Step(node, GETITEM, name, fn=fn, tensor_inputs=inputs[:1])
-    if node.op == "call_method":
-        method = str(node.target)
-        base = method[:-1] if method.endswith("_") and not method.startswith("_") else method
-        fn = _method_caller(method)
-        table = [
-            (_ACT_METHODS, ACT),
-            (_PASS_METHODS, PASS),
-            (_ADD_METHODS, ADD),
-            (_SUB_METHODS, SUB),
-            (_MUL_METHODS, MUL),
-            (_DIV_METHODS, DIV),
-            (_AVGPOOL_METHODS, AVGPOOL),
-            (_NOOP_METHODS, NOOP),
-        ]
-        for names, kind in table:
-            if base in names:
-                keep = inputs if kind in (ADD, SUB, MUL, DIV) else inputs[:1]
-                step = Step(node, kind, name, fn=fn, tensor_inputs=keep)
-                step.gate_like = base in _GATE_METHODS
-                return step
-    raise ModelError(
-        f"unsupported operation for LRP at {name}; supported: conv, linear, batch norm, pooling, add, "
-        "concatenation, flatten, dropout and element-wise activations"
+        return CONV
+    kinds = (
+        (nn.Linear, LINEAR),
+        (nn.modules.batchnorm._BatchNorm, BN),
+        (_AVGPOOL_MODULES, AVGPOOL),
+        (_ACT_MODULES, ACT),
+        (_PASS_MODULES, PASS),
     )
+    for types, kind in kinds:
+        if isinstance(module, types):
+            return kind
+    return PASS if type(module).__name__ == "StochasticDepth" else None
+
+
+def _classify_module(module: nn.Module, node: fx.Node, name: str, inputs: list[fx.Node]) -> Step:
+    if isinstance(module, _MAXPOOL_MODULES):
+        step = Step(node, MAXPOOL, name, module=module, tensor_inputs=inputs[:1])
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
+        step.fn = _maxpool_with_indices(pool, module)
+        step.returns_indices = True
+        return step
+    kind = _module_kind(module, name)
+    if kind is None:
+        raise ModelError(
+            f"unsupported layer for LRP at {name}; supported: conv, linear, batch norm, pooling, "
+            "add, concatenation, flatten, dropout and element-wise activations"
+        )
+    step = Step(node, kind, name, fn=_out_of_place_module(module), module=module, tensor_inputs=inputs[:1])
+    step.gate_like = isinstance(module, _GATE_MODULES)
+    return step
+
+
+def _from_table(
+    node: fx.Node, name: str, inputs: list[fx.Node], fn: Callable[..., Any], key: Any, table: Sequence[Any], gates: Any
+) -> Step | None:
+    """The step for the first (members, kind) of `table` whose members hold `key` (a function or method name)."""
+    for members, kind in table:
+        if key in members:
+            keep = inputs if kind in (ADD, SUB, MUL, DIV) else inputs[:1]
+            step = Step(node, kind, name, fn=fn, tensor_inputs=keep)
+            step.gate_like = key in gates
+            return step
+    return None
+
+
+def _classify_function(node: fx.Node, name: str, inputs: list[fx.Node]) -> Step | None:
+    target = node.target
+    fn = _function_caller(target)
+    if target in _MAXPOOL_FUNCS:
+        step = Step(node, MAXPOOL, name, fn=_maxpool_fn_with_indices(target), tensor_inputs=inputs[:1])
+        step.returns_indices = True
+        return step
+    if target in _CAT_FUNCS:
+        return Step(node, CAT, name, fn=fn, tensor_inputs=inputs)
+    if target is F.linear:
+        return Step(node, LINEAR, name, fn=fn, tensor_inputs=inputs[:1])
+    table = [
+        (_ACT_FUNCS, ACT),
+        (_PASS_FUNCS, PASS),
+        (_ADD_FUNCS, ADD),
+        (_SUB_FUNCS, SUB),
+        (_MUL_FUNCS, MUL),
+        (_DIV_FUNCS, DIV),
+        (_AVGPOOL_FUNCS, AVGPOOL),
+        (_NOOP_FUNCS, NOOP),
+    ]
+    step = _from_table(node, name, inputs, fn, target, table, _GATE_FUNCS)
+    if step is None and _is_stochastic_depth(target):
+        return Step(node, PASS, name, fn=fn, tensor_inputs=inputs[:1])
+    if step is None and target is operator.getitem:
+        return Step(node, GETITEM, name, fn=fn, tensor_inputs=inputs[:1])
+    return step
+
+
+def _classify_method(node: fx.Node, name: str, inputs: list[fx.Node]) -> Step | None:
+    method = str(node.target)
+    base = method[:-1] if method.endswith("_") and not method.startswith("_") else method
+    table = [
+        (_ACT_METHODS, ACT),
+        (_PASS_METHODS, PASS),
+        (_ADD_METHODS, ADD),
+        (_SUB_METHODS, SUB),
+        (_MUL_METHODS, MUL),
+        (_DIV_METHODS, DIV),
+        (_AVGPOOL_METHODS, AVGPOOL),
+        (_NOOP_METHODS, NOOP),
+    ]
+    return _from_table(node, name, inputs, _method_caller(method), base, table, _GATE_METHODS)
 
 
 def _maxpool_with_indices(pool: Callable[..., Any], m: nn.Module) -> Callable[..., Any]:

@@ -126,56 +126,90 @@ def run_audit(
     on_step: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Summary and per-image rows of the audit. `on_step(name)` is called after each stage."""
+    step = on_step or (lambda _: None)
     x, m, labels = audit_set.x, audit_set.masks, audit_set.labels
-    n, size = len(x), x.shape[-1]
-    classes = backend.classes
-    sigma = max(1.0, size * BLUR_SIGMA_FRACTION)
-    lungs, bg = m.astype(bool), ~m.astype(bool)
+    sigma = max(1.0, x.shape[-1] * BLUR_SIGMA_FRACTION)
     xs = x.mean(axis=1, keepdims=True)  # intensity, whatever the channel count
-    fills = {"background": float(xs[bg].mean()), "lungs": float(xs[lungs].mean())}
+    fills = {"background": float(xs[~m.astype(bool)].mean()), "lungs": float(xs[m.astype(bool)].mean())}
     probs0 = _batched_probs(backend, x, batch_size)
     pred0 = probs0.argmax(axis=1)
-    if on_step:
-        on_step("original")
-
-    share = np.full(n, np.nan)
-    if backend.has_relevance:
-        for i in range(0, n, batch_size):
-            _, r = backend.relevance(x[i : i + batch_size])
-            share[i : i + batch_size] = mask_shares(r.sum(axis=1), m[i : i + batch_size, 0])[1]
-        if on_step:
-            on_step("relevance")
-
+    step("original")
+    share = _inside_shares(backend, x, m, batch_size, step)
     known = labels >= 0
     partners = swap_partners(np.where(known, labels, pred0) if known.all() else pred0)
     results: dict[str, dict[str, Any]] = {}
     for kind in PERTURBATIONS:
-        rows = np.arange(n) if kind != "background_swap" else np.flatnonzero(partners >= 0)
-        probs = np.full_like(probs0, np.nan)
-        for i in range(0, len(rows), batch_size):
-            idx = rows[i : i + batch_size]
-            other = x[partners[idx]] if kind == "background_swap" else None
-            other_m = m[partners[idx]] if kind == "background_swap" else None
-            xb = perturb(kind, x[idx], m[idx], fills, sigma, other, other_m)
-            probs[idx] = _batched_probs(backend, xb, batch_size)
-        flips = np.where(np.isnan(probs[:, 0]), np.nan, (probs.argmax(axis=1) != pred0).astype(float))
-        dp = np.abs(probs[np.arange(n), pred0] - probs0[np.arange(n), pred0])
-        results[kind] = {"probs": probs, "flips": flips, "dp": dp}
-        if on_step:
-            on_step(kind)
+        results[kind] = _counterfactual(backend, kind, audit_set, partners, fills, sigma, batch_size, probs0)
+        step(kind)
+    summary = _summary(backend.classes, audit_set, share, results, probs0, fills, sigma)
+    return summary, _per_image(backend.classes, audit_set, share, results, probs0, partners)
 
-    def rate(values: np.ndarray) -> float | None:
-        v = values[np.isfinite(values)]
-        return float(v.mean()) if len(v) else None
+
+def _inside_shares(backend: Any, x: np.ndarray, m: np.ndarray, batch_size: int, step: Any) -> np.ndarray:
+    """Per image, the share of |R| (predicted class) inside the lungs; NaN without relevance."""
+    share = np.full(len(x), np.nan)
+    if backend.has_relevance:
+        for i in range(0, len(x), batch_size):
+            _, r = backend.relevance(x[i : i + batch_size])
+            share[i : i + batch_size] = mask_shares(r.sum(axis=1), m[i : i + batch_size, 0])[1]
+        step("relevance")
+    return share
+
+
+def _counterfactual(
+    backend: Any,
+    kind: str,
+    audit_set: AuditSet,
+    partners: np.ndarray,
+    fills: dict[str, float],
+    sigma: float,
+    batch_size: int,
+    probs0: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Probabilities on the `kind` counterfactual, whether each prediction flipped, and |Δp| of the original
+    prediction (NaN rows: images without a swap partner)."""
+    x, m = audit_set.x, audit_set.masks
+    n, pred0 = len(x), probs0.argmax(axis=1)
+    rows = np.arange(n) if kind != "background_swap" else np.flatnonzero(partners >= 0)
+    probs = np.full_like(probs0, np.nan)
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i : i + batch_size]
+        other = x[partners[idx]] if kind == "background_swap" else None
+        other_m = m[partners[idx]] if kind == "background_swap" else None
+        xb = perturb(kind, x[idx], m[idx], fills, sigma, other, other_m)
+        probs[idx] = _batched_probs(backend, xb, batch_size)
+    flips = np.where(np.isnan(probs[:, 0]), np.nan, (probs.argmax(axis=1) != pred0).astype(float))
+    dp = np.abs(probs[np.arange(n), pred0] - probs0[np.arange(n), pred0])
+    return {"probs": probs, "flips": flips, "dp": dp}
+
+
+def _rate(values: np.ndarray) -> float | None:
+    """Mean of the finite values (None if there are none)."""
+    v = values[np.isfinite(values)]
+    return float(v.mean()) if len(v) else None
+
+
+def _summary(
+    classes: list[str],
+    audit_set: AuditSet,
+    share: np.ndarray,
+    results: dict[str, dict[str, Any]],
+    probs0: np.ndarray,
+    fills: dict[str, float],
+    sigma: float,
+) -> dict[str, Any]:
+    """The audit.json summary: shares, flip rates, accuracies, the settings used and the verdict."""
+    labels = audit_set.labels
+    known = labels >= 0
 
     def accuracy(probs: np.ndarray) -> float | None:
         ok = known & np.isfinite(probs[:, 0])
         return float((probs[ok].argmax(axis=1) == labels[ok]).mean()) if ok.any() else None
 
-    share_mean = rate(share)
-    swap_flip = rate(results["background_swap"]["flips"])
-    summary: dict[str, Any] = {
-        "n": n,
+    share_mean = _rate(share)
+    swap_flip = _rate(results["background_swap"]["flips"])
+    return {
+        "n": len(audit_set.x),
         "classes": classes,
         "inside_mask_share": {
             "mean": share_mean,
@@ -184,8 +218,8 @@ def run_audit(
         }
         if share_mean is not None
         else None,
-        "flip_rate": {k: rate(v["flips"]) for k, v in results.items()},
-        "mean_abs_prob_change": {k: rate(v["dp"]) for k, v in results.items()},
+        "flip_rate": {k: _rate(v["flips"]) for k, v in results.items()},
+        "mean_abs_prob_change": {k: _rate(v["dp"]) for k, v in results.items()},
         "accuracy": {
             "original": accuracy(probs0),
             "background_removed": accuracy(results["background_mean"]["probs"]),
@@ -202,8 +236,20 @@ def run_audit(
         },
         "verdict": verdict(share_mean, swap_flip),
     }
+
+
+def _per_image(
+    classes: list[str],
+    audit_set: AuditSet,
+    share: np.ndarray,
+    results: dict[str, dict[str, Any]],
+    probs0: np.ndarray,
+    partners: np.ndarray,
+) -> list[dict[str, Any]]:
+    """One audit.json row per image: prediction, share, and what each counterfactual did to it."""
+    labels, pred0 = audit_set.labels, probs0.argmax(axis=1)
     per_image = []
-    for i in range(n):
+    for i in range(len(audit_set.x)):
         row: dict[str, Any] = {
             "file": audit_set.files[i],
             "label": classes[labels[i]] if labels[i] >= 0 else None,
@@ -224,7 +270,7 @@ def run_audit(
             )
         row["swap_partner"] = audit_set.files[partners[i]] if partners[i] >= 0 else None
         per_image.append(row)
-    return summary, per_image
+    return per_image
 
 
 def worst_offenders(per_image: list[dict[str, Any]], k: int = 8) -> list[int]:
