@@ -16,7 +16,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,56 +80,17 @@ def make_phantom(
     img = np.full((size, size), u(0.02, 0.06), np.float32)
     body = _ellipse(yy, xx, s * u(0.52, 0.56), s * u(0.48, 0.52), s * u(0.44, 0.48), s * u(0.38, 0.42))
     img[body] = u(0.50, 0.60)
-
-    # Lungs: two ellipses either side of the midline, cut below by diaphragm domes.
     mid = s * u(0.48, 0.52)
     top = s * u(0.18, 0.24)
-    mask = np.zeros((size, size), bool)
-    lungs = []
-    for side in (-1, 1):
-        rx = s * u(0.13, 0.16)
-        ry = s * u(0.27, 0.31)
-        cx = mid + side * (s * u(0.04, 0.06) + rx)
-        cy = top + ry
-        dome_y = cy + ry * u(0.55, 0.7) - (s * 0.10) * np.exp(-(((xx - cx) / rx) ** 2))
-        lung = _ellipse(yy, xx, cy, cx, ry, rx) & (yy < dome_y) & body
-        lungs.append((lung, cy, cx, ry, rx))
-        mask |= lung
-    lung_level = u(0.18, 0.26)
-    img[mask] = lung_level
-
-    # Ribs: slanted bright bands in the lungs (texture the model must look through).
-    period = s * u(0.09, 0.11)
-    phase = u(0.0, 2 * np.pi)
-    for side, (lung, *_rest) in zip((-1, 1), lungs, strict=True):
-        bands = 0.5 + 0.5 * np.sin(2 * np.pi * (yy + side * 0.35 * (xx - mid)) / period + phase)
-        img[lung] += 0.07 * (bands[lung] ** 4)
-
-    # Mediastinum and heart: bright between the lungs; the heart bulges into the left lung (image right).
-    medi = body & ~mask & (np.abs(xx - mid) < s * 0.08) & (yy > top * 0.6)
-    img[medi] = np.maximum(img[medi], u(0.62, 0.70))
-    heart = _ellipse(yy, xx, s * u(0.62, 0.66), mid + s * u(0.05, 0.08), s * 0.12, s * 0.12) & body
-    img[heart & ~mask] = np.maximum(img[heart & ~mask], u(0.62, 0.70))
-    img[heart & mask] += 0.10  # overlap is denser, not masked out (the mask is the lung field)
+    mask, lungs = _lungs(yy, xx, s, mid, top, body, u)
+    img[mask] = u(0.18, 0.26)
+    _ribs_and_heart(img, yy, xx, s, mid, top, body, mask, lungs, u)
     sick = int(rng.integers(0, 2))  # the lung that gets the lesion, if any
 
     # Lesion: restricted to the lung mask so the label lives only inside the lungs.
     if label >= 1:
-        kind = (label - 1) % 3
-        lung, cy, cx, ry, rx = lungs[sick]
-        if kind == 0:
-            sigma = s * lu(0.06, 0.08)
-            ly, lx = cy + lu(-0.4, 0.3) * ry, cx + lu(-0.35, 0.35) * rx
-            lesion = _blob(yy, xx, ly, lx, sigma)
-        elif kind == 1:
-            lesion = np.clip((yy - (cy + 0.1 * ry)) / (0.5 * ry), 0.0, 1.0) * 0.9
-        else:
-            lesion = np.zeros_like(img)
-            for _ in range(4):
-                lesion = np.maximum(
-                    lesion,
-                    _blob(yy, xx, cy + lu(-0.6, 0.5) * ry, cx + lu(-0.5, 0.5) * rx, s * 0.03),
-                )
+        lung, *_ = lungs[sick]
+        lesion = _lesion(label, lungs[sick], yy, xx, s, lu)  # drawn before the strength: the stream's order
         img[lung] += contrast * lu(0.9, 1.1) * lesion[lung]
 
     # Film texture and quantum noise, everywhere.
@@ -141,6 +102,67 @@ def make_phantom(
         draw_marker(img, ~body, marker_rng)
 
     return Phantom(np.clip(img, 0.0, 1.0).astype(np.float32), mask, label, marker)
+
+
+def _lungs(
+    yy: np.ndarray, xx: np.ndarray, s: float, mid: float, top: float, body: np.ndarray, u: Any
+) -> tuple[np.ndarray, list[tuple[Any, ...]]]:
+    """Two ellipses either side of the midline, cut below by diaphragm domes: the mask, and per lung
+    (its pixels, centre y, centre x, radius y, radius x)."""
+    mask = np.zeros(yy.shape, bool)
+    lungs = []
+    for side in (-1, 1):
+        rx = s * u(0.13, 0.16)
+        ry = s * u(0.27, 0.31)
+        cx = mid + side * (s * u(0.04, 0.06) + rx)
+        cy = top + ry
+        dome_y = cy + ry * u(0.55, 0.7) - (s * 0.10) * np.exp(-(((xx - cx) / rx) ** 2))
+        lung = _ellipse(yy, xx, cy, cx, ry, rx) & (yy < dome_y) & body
+        lungs.append((lung, cy, cx, ry, rx))
+        mask |= lung
+    return mask, lungs
+
+
+def _ribs_and_heart(
+    img: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    s: float,
+    mid: float,
+    top: float,
+    body: np.ndarray,
+    mask: np.ndarray,
+    lungs: list[tuple[Any, ...]],
+    u: Any,
+) -> None:
+    """Ribs (slanted bright bands in the lungs: texture the model must look through), the mediastinum
+    (bright between the lungs) and the heart, which bulges into the left lung (image right)."""
+    period = s * u(0.09, 0.11)
+    phase = u(0.0, 2 * np.pi)
+    for side, (lung, *_rest) in zip((-1, 1), lungs, strict=True):
+        bands = 0.5 + 0.5 * np.sin(2 * np.pi * (yy + side * 0.35 * (xx - mid)) / period + phase)
+        img[lung] += 0.07 * (bands[lung] ** 4)
+    medi = body & ~mask & (np.abs(xx - mid) < s * 0.08) & (yy > top * 0.6)
+    img[medi] = np.maximum(img[medi], u(0.62, 0.70))
+    heart = _ellipse(yy, xx, s * u(0.62, 0.66), mid + s * u(0.05, 0.08), s * 0.12, s * 0.12) & body
+    img[heart & ~mask] = np.maximum(img[heart & ~mask], u(0.62, 0.70))
+    img[heart & mask] += 0.10  # overlap is denser, not masked out (the mask is the lung field)
+
+
+def _lesion(label: int, lung: tuple[Any, ...], yy: np.ndarray, xx: np.ndarray, s: float, lu: Any) -> np.ndarray:
+    """The lesion of class `label` (>= 1) in one lung, peak 1: a blob, a basal opacity or small nodules."""
+    _, cy, cx, ry, rx = lung
+    kind = (label - 1) % 3
+    if kind == 0:
+        sigma = s * lu(0.06, 0.08)
+        ly, lx = cy + lu(-0.4, 0.3) * ry, cx + lu(-0.35, 0.35) * rx
+        return _blob(yy, xx, ly, lx, sigma)
+    if kind == 1:
+        return np.clip((yy - (cy + 0.1 * ry)) / (0.5 * ry), 0.0, 1.0) * 0.9
+    lesion = np.zeros_like(yy)
+    for _ in range(4):
+        lesion = np.maximum(lesion, _blob(yy, xx, cy + lu(-0.6, 0.5) * ry, cx + lu(-0.5, 0.5) * rx, s * 0.03))
+    return lesion
 
 
 def draw_marker(img: np.ndarray, free: np.ndarray, rng: np.random.Generator) -> None:

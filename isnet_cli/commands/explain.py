@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -82,24 +83,10 @@ def command(
     from isnet_cli.report.explain import explain_many, load_explainer, write_summary
 
     samples = expand_inputs(list(inputs))
-    first = inputs[0]
-    single = len(inputs) == 1 and len(samples) == 1 and first != "-" and Path(first).is_file()
-    single = single and not first.lower().endswith(".csv")
+    single = _is_single(inputs, samples)
     if mask is not None and not single:
         raise click.UsageError("--mask goes with a single INPUT; use a manifest with a mask column for several")
-    out_path = Path(out)
-    raw_path = None if raw is None else Path(raw)
-    if single:
-        if out_path.suffix.lower() != ".png":
-            raise click.UsageError(f"--out {out}: one input gives one PNG; name a .png file")
-        if raw_path is not None and not raw_path.name.lower().endswith((".npy", ".nii.gz", ".nii")):
-            raise click.UsageError(f"--raw {raw}: use a .npy or .nii.gz file")
-    else:
-        if out_path.suffix.lower() == ".png":
-            raise click.UsageError(f"--out {out}: several inputs need a folder, not a .png file")
-        out_path.mkdir(parents=True, exist_ok=True)
-        if raw_path is not None:
-            raw_path.mkdir(parents=True, exist_ok=True)
+    out_path, raw_path = _outputs(single, out, raw)
     explainer = load_explainer(model, arch=arch, weights=weights, rule=rule, device=device)
     explainer.resolve_target(target)  # a bad --target fails before any work
     done = []
@@ -126,15 +113,44 @@ def command(
             done.append(item)
             if as_json:
                 click.echo(json.dumps(item.to_json()))
-            line = f"{item.file}: '{item.target}' p={item.probability:.3f} -> {item.png}"
-            if item.abs_share_in_mask is not None:
-                line += (
-                    f"; in mask: {item.positive_share_in_mask:.1%} of positive relevance, "
-                    f"{item.abs_share_in_mask:.1%} of |R|"
-                )
-            say(line)
+            say(_line(item))
     if not single and done:
         summary = write_summary(out_path / "summary.csv", done)
         say(f"{len(done)} explained, {failures} failed; summary in {summary}")
     if failures:
         raise InputError(None, f"{failures} of {len(samples)} inputs could not be explained (listed above)")
+
+
+def _is_single(inputs: tuple[str, ...], samples: list[Any]) -> bool:
+    """One image file (not a folder, a manifest or stdin): --out and --raw are then files."""
+    first = inputs[0]
+    single = len(inputs) == 1 and len(samples) == 1 and first != "-" and Path(first).is_file()
+    return single and not first.lower().endswith(".csv")
+
+
+def _outputs(single: bool, out: str, raw: str | None) -> tuple[Path, Path | None]:
+    """--out and --raw checked: files for a single input, folders (created) for several."""
+    out_path = Path(out)
+    raw_path = None if raw is None else Path(raw)
+    if single:
+        if out_path.suffix.lower() != ".png":
+            raise click.UsageError(f"--out {out}: one input gives one PNG; name a .png file")
+        if raw_path is not None and not raw_path.name.lower().endswith((".npy", ".nii.gz", ".nii")):
+            raise click.UsageError(f"--raw {raw}: use a .npy or .nii.gz file")
+        return out_path, raw_path
+    if out_path.suffix.lower() == ".png":
+        raise click.UsageError(f"--out {out}: several inputs need a folder, not a .png file")
+    out_path.mkdir(parents=True, exist_ok=True)
+    if raw_path is not None:
+        raw_path.mkdir(parents=True, exist_ok=True)
+    return out_path, raw_path
+
+
+def _line(item: Any) -> str:
+    """The status line of one explained input."""
+    line = f"{item.file}: '{item.target}' p={item.probability:.3f} -> {item.png}"
+    if item.abs_share_in_mask is not None:
+        line += (
+            f"; in mask: {item.positive_share_in_mask:.1%} of positive relevance, {item.abs_share_in_mask:.1%} of |R|"
+        )
+    return line

@@ -244,18 +244,6 @@ def write_dicom(
     exercises the modality LUT. `compression`: rle (native), jpeg2000 (lossless), jpeg2000-lossy,
     jpegls (needs pyjpegls).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        JPEG2000,
-        PYDICOM_IMPLEMENTATION_UID,
-        ComputedRadiographyImageStorage,
-        ExplicitVRLittleEndian,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-        RLELossless,
-        generate_uid,
-    )
-
     path = Path(path)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise InputError(None, f"photometric {photometric!r} is not supported", "use MONOCHROME1 or MONOCHROME2")
@@ -267,8 +255,33 @@ def write_dicom(
     stored = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bits == 8 else np.uint16)
     if photometric == "MONOCHROME1":
         stored = (top - stored).astype(stored.dtype)
+    ds = _radiograph(stored, photometric, bits, compression)
+    intercept = 0.0
+    if bits > 8:
+        intercept = -1024.0 if rescale_intercept is None else float(rescale_intercept)
+        ds.RescaleSlope = 1
+        ds.RescaleIntercept = intercept
+        ds.RescaleType = "US"
+    ds.WindowCenter = 2 ** (bits - 1) + intercept
+    ds.WindowWidth = 2**bits
+    ds.PixelData = stored.tobytes()
+    _compress(ds, compression)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
-    # UIDs derived from the pixels and settings: the same phantom gives a byte-identical file.
+
+def _radiograph(stored: np.ndarray, photometric: str, bits: int, compression: str | None) -> Any:
+    """A CR dataset for `stored` (file meta, UIDs, patient and pixel-format attributes; no pixel data yet).
+    The UIDs are derived from the pixels and settings: the same phantom gives a byte-identical file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        ComputedRadiographyImageStorage,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
     entropy = hashlib.sha256(stored.tobytes() + f"{photometric}{bits}{compression}".encode()).hexdigest()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
@@ -293,15 +306,12 @@ def write_dicom(
     ds.BitsStored = bits
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
-    intercept = 0.0
-    if bits > 8:
-        intercept = -1024.0 if rescale_intercept is None else float(rescale_intercept)
-        ds.RescaleSlope = 1
-        ds.RescaleIntercept = intercept
-        ds.RescaleType = "US"
-    ds.WindowCenter = 2 ** (bits - 1) + intercept
-    ds.WindowWidth = 2**bits
-    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def _compress(ds: Any, compression: str | None) -> None:
+    """Re-encode the pixel data in place: rle, jpeg2000 (lossless), jpeg2000-lossy or jpegls; None keeps it."""
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
     if compression == "rle":
         ds.compress(RLELossless, generate_instance_uid=False)
@@ -317,6 +327,3 @@ def write_dicom(
         if not get_encoder(JPEGLSLossless).is_available:
             raise InputError(None, "JPEG-LS encoding needs the pyjpegls package", "pip install pyjpegls")
         ds.compress(JPEGLSLossless, generate_instance_uid=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
