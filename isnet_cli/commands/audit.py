@@ -9,29 +9,15 @@ from typing import Any
 
 import click
 
-from isnet_cli.commands.options import (
-    batch_size_option,
-    device_option,
-    fail_fast_option,
-    label_column_option,
-    model_option,
-    no_progress_option,
-)
+from isnet_cli.commands import options as opt
 
 
 @click.command("audit")
 @click.argument("data", type=click.Path(exists=True))
-@model_option()
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for audit.json and audit_worst.png (default: <run>/audit or ./audit).",
-)
+@opt.model_option()
+@opt.out_dir_option("audit.json and audit_worst.png", "audit")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@label_column_option
+@opt.label_column_option
 @click.option(
     "--worst",
     type=click.IntRange(min=0),
@@ -39,10 +25,7 @@ from isnet_cli.commands.options import (
     show_default=True,
     help="Images in the contact sheet of worst offenders.",
 )
-@batch_size_option
-@device_option
-@fail_fast_option("image or mask")
-@no_progress_option
+@opt.dataset_run_options("image or mask")
 def command(
     data: str,
     model: str | None,

@@ -9,14 +9,7 @@ from typing import Any
 
 import click
 
-from isnet_cli.commands.options import (
-    batch_size_option,
-    device_option,
-    fail_fast_option,
-    label_column_option,
-    model_option,
-    no_progress_option,
-)
+from isnet_cli.commands import options as opt
 
 
 def default_out_dir(model_path: Path) -> Path:
@@ -43,15 +36,8 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 
 @click.command("evaluate")
 @click.argument("data", type=click.Path(exists=True))
-@model_option()
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for report.json, confusion.png, roc.png (default: <run>/eval or ./eval).",
-)
+@opt.model_option()
+@opt.out_dir_option("report.json, confusion.png, roc.png", "eval")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.option(
     "--compare",
@@ -59,23 +45,15 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
     default=None,
     help="A second model: AUROC difference on the same data with a paired test.",
 )
-@label_column_option
-@click.option(
-    "--threshold",
-    type=float,
-    default=None,
-    help="Two-class models: predict the second class when p >= this (default: argmax).",
-)
+@opt.label_column_option
+@opt.threshold_option("p")
 @click.option(
     "--relevance/--no-relevance",
     default=True,
     show_default=True,
     help="Measure LRP relevance inside the masks (needs a checkpoint or a --with-heatmap export).",
 )
-@batch_size_option
-@device_option
-@fail_fast_option()
-@no_progress_option
+@opt.dataset_run_options()
 def command(
     data: str,
     model: str | None,

@@ -20,6 +20,28 @@ def model_option(onnx: bool = True):
     return click.option("--model", "-m", default=None, help=f"{kinds}; default: the newest run under runs/.")
 
 
+def out_dir_option(contents: str, folder: str) -> Callable[[F], F]:
+    """`--out/-o`: the folder for a report's `contents`; default <run>/`folder` for a checkpoint, else ./`folder`."""
+    return click.option(
+        "--out",
+        "-o",
+        "out_dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"Folder for {contents} (default: <run>/{folder} or ./{folder}).",
+    )
+
+
+def threshold_option(subject: str) -> Callable[[F], F]:
+    """`--threshold`: for two-class models, the second class when `subject` (its probability) >= this."""
+    return click.option(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"Two-class models: predict the second class when {subject} >= this (default: argmax).",
+    )
+
+
 label_column_option = click.option(
     "--label-column", default=None, help="Manifest column with the class names (default: label)."
 )
@@ -42,3 +64,14 @@ def fail_fast_option(what: str = "input") -> Callable[[F], F]:
 no_progress_option = click.option(
     "--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal)."
 )
+
+
+def dataset_run_options(what: str = "input") -> Callable[[F], F]:
+    """--batch-size, --device, --fail-fast and --no-progress, in this order: a model run over a dataset."""
+
+    def apply(command: F) -> F:
+        for option in (no_progress_option, fail_fast_option(what), device_option, batch_size_option):
+            command = option(command)
+        return command
+
+    return apply

@@ -8,18 +8,12 @@ from pathlib import Path
 
 import click
 
-from isnet_cli.commands.options import (
-    batch_size_option,
-    device_option,
-    fail_fast_option,
-    model_option,
-    no_progress_option,
-)
+from isnet_cli.commands import options as opt
 
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@model_option()
+@opt.model_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
 @click.option(
     "--csv",
@@ -31,17 +25,12 @@ from isnet_cli.commands.options import (
 )
 @click.option("--resume", is_flag=True, help="Skip inputs already in the --out file and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@batch_size_option
-@device_option
-@click.option(
-    "--threshold",
-    type=float,
-    default=None,
-    help="Two-class models: predict the second class when its probability >= this (default: argmax).",
-)
+@opt.batch_size_option
+@opt.device_option
+@opt.threshold_option("its probability")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Decoding threads (0 = up to 4).")
-@fail_fast_option()
-@no_progress_option
+@opt.fail_fast_option()
+@opt.no_progress_option
 def command(
     inputs: tuple[str, ...],
     model: str | None,

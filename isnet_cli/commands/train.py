@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -15,9 +16,17 @@ from isnet_cli.objective.settings import METHODS, VARIANTS
 from isnet_cli.train.config import ISNET_BG_SWAP, OPTIMIZERS, SCHEDULERS, SELECT_BY, TrainConfig
 
 _DEFAULTS = TrainConfig()
+F = TypeVar("F", bound=Callable[..., Any])
 _ARCHS = (
     "densenet121 (default), resnet18/34/50, vgg11_bn, vgg16_bn, efficientnet_b0, mobilenet_v3, tinycnn, module:callable"
 )
+
+
+def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """An option whose default is `TrainConfig`'s field of the same name (shown in --help)."""
+    named = [d for d in decls if not d.startswith("-")]
+    field = named[0] if named else decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    return click.option(*decls, default=getattr(_DEFAULTS, field), show_default=True, **attrs)
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -57,30 +66,18 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="YAML file with any of these options (keys as the option names); the command line wins.",
 )
 @click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
-@click.option(
-    "--val-fraction",
-    type=float,
-    default=_DEFAULTS.val_fraction,
-    show_default=True,
-    help="Validation share when --val is not given.",
-)
+@_option("--val-fraction", type=float, help="Validation share when --val is not given.")
 @click.option("--ood", help="Extra test set (no masks needed) scored every epoch: CE and accuracy.")
 @click.option("--classes", help="Comma-separated class list and order (default: sorted labels of DATA).")
-@click.option("--arch", default=_DEFAULTS.arch, show_default=True, help=f"Architecture: {_ARCHS}.")
-@click.option(
+@_option("--arch", help=f"Architecture: {_ARCHS}.")
+@_option(
     "--pretrained/--no-pretrained",
-    default=_DEFAULTS.pretrained,
-    show_default=True,
     help="Start from torchvision ImageNet weights (downloaded once; normalisation folded into layer 1).",
 )
-@click.option(
-    "--img-size", type=int, default=_DEFAULTS.img_size, show_default=True, help="Input size (square, pixels)."
-)
-@click.option("--resize", type=click.Choice(RESIZE_MODES), default=_DEFAULTS.resize, show_default=True)
+@_option("--img-size", type=int, help="Input size (square, pixels).")
+@_option("--resize", type=click.Choice(RESIZE_MODES))
 @window_option
-@click.option(
-    "--augment/--no-augment", default=_DEFAULTS.augment, show_default=True, help="Small affine + brightness jitter."
-)
+@_option("--augment/--no-augment", help="Small affine + brightness jitter.")
 @click.option(
     "--bg-swap",
     type=float,
@@ -88,130 +85,76 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="Probability that a training image gets the background (outside its mask) of another image of the batch "
     f"(default: {ISNET_BG_SWAP:g} for ISNet variants, 0 for --variant none and --method rrr).",
 )
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
-@click.option(
+@_option("--batch-size", type=int)
+@_option("--epochs", type=int)
+@_option("--lr", type=float, help="Learning rate.")
+@_option(
     "--optimizer",
     type=click.Choice(OPTIMIZERS),
-    default=_DEFAULTS.optimizer,
-    show_default=True,
     help="adamw (lr 1e-3) learns phantoms and X-rays reliably; sgd uses --momentum (try lr 1e-2).",
 )
-@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=_DEFAULTS.scheduler, show_default=True)
-@click.option("--clip", type=float, default=_DEFAULTS.clip, show_default=True, help="Gradient-norm clipping.")
-@click.option(
-    "--variant",
-    type=click.Choice(VARIANTS),
-    default=_DEFAULTS.variant,
-    show_default=True,
-    help="Explained quantity; 'none' = standard classifier baseline (P = 0).",
+@_option("--momentum", type=float, help="SGD momentum.")
+@_option("--weight-decay", type=float)
+@_option("--scheduler", type=click.Choice(SCHEDULERS))
+@_option("--clip", type=float, help="Gradient-norm clipping.")
+@_option(
+    "--variant", type=click.Choice(VARIANTS), help="Explained quantity; 'none' = standard classifier baseline (P = 0)."
 )
-@click.option(
+@_option(
     "--method",
     type=click.Choice(METHODS),
-    default=_DEFAULTS.method,
-    show_default=True,
     help="'rrr' = Right for the Right Reasons (input-gradient penalty on the background).",
 )
-@click.option("--P", "P", type=float, default=_DEFAULTS.P, show_default=True, help="Loss = (1-P)·CE + P·heatmap loss.")
-@click.option(
-    "--ramp",
-    type=int,
-    default=_DEFAULTS.ramp,
-    show_default=True,
-    help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start.",
+@_option("--P", "P", type=float, help="Loss = (1-P)·CE + P·heatmap loss.")
+@_option(
+    "--ramp", type=int, help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start."
 )
-@click.option(
-    "--d", "d", type=float, default=_DEFAULTS.d, show_default=True, help="Background GWRP decay (0 = max, 1 = mean)."
-)
-@click.option(
-    "--E", "E", type=float, default=_DEFAULTS.E, show_default=True, help="Background activation log(1 + g/E)."
-)
-@click.option("--A", "A", type=float, default=_DEFAULTS.A, show_default=True, help="Background term weight.")
-@click.option("--B", "B", type=float, default=_DEFAULTS.B, show_default=True, help="Foreground band weight.")
-@click.option("--eps", type=float, default=_DEFAULTS.eps, show_default=True, help="LRP epsilon.")
-@click.option(
-    "--cut",
-    default=_DEFAULTS.cut,
-    show_default=True,
-    help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics).",
-)
-@click.option(
-    "--cut-epochs", type=int, default=_DEFAULTS.cut_epochs, show_default=True, help="Warm-up epochs for --cut auto."
-)
-@click.option(
+@_option("--d", "d", type=float, help="Background GWRP decay (0 = max, 1 = mean).")
+@_option("--E", "E", type=float, help="Background activation log(1 + g/E).")
+@_option("--A", "A", type=float, help="Background term weight.")
+@_option("--B", "B", type=float, help="Foreground band weight.")
+@_option("--eps", type=float, help="LRP epsilon.")
+@_option("--cut", help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics).")
+@_option("--cut-epochs", type=int, help="Warm-up epochs for --cut auto.")
+@_option(
     "--warm-start/--no-warm-start",
-    default=_DEFAULTS.warm_start,
-    show_default=True,
     help="Start the ISNet from the weights of the plain (CE-only) warm-up instead of a fresh initialisation.",
 )
-@click.option(
+@_option(
     "--lds/--no-lds",
-    default=_DEFAULTS.lds,
-    show_default=True,
     help="LRP deep supervision: the heatmap loss also on hidden-layer relevance (own C1/C2 per layer).",
 )
 @click.option(
     "--lds-layers",
     help="Comma-separated module paths (or fx node names) for --lds (default: the architecture's stages).",
 )
-@click.option(
-    "--lds-decay",
-    type=float,
-    default=_DEFAULTS.lds_decay,
-    show_default=True,
-    help="GWRP decay over the per-layer losses (1 = mean, 0 = max).",
-)
-@click.option("--rrr-lambda", type=float, default=_DEFAULTS.rrr_lambda, show_default=True, help="RRR penalty weight.")
-@click.option(
+@_option("--lds-decay", type=float, help="GWRP decay over the per-layer losses (1 = mean, 0 = max).")
+@_option("--rrr-lambda", type=float, help="RRR penalty weight.")
+@_option(
     "--select-by",
     type=click.Choice(SELECT_BY),
-    default=_DEFAULTS.select_by,
-    show_default=True,
     help="Validation score that picks best.safetensors (loss = ISNet loss).",
 )
 @device_option
-@click.option(
-    "--devices",
-    type=int,
-    default=_DEFAULTS.devices,
-    show_default=True,
-    help="Processes for DDP (one per GPU; gloo on CPU).",
-)
-@click.option(
-    "--amp/--no-amp",
-    default=_DEFAULTS.amp,
-    show_default=True,
-    help="GPU autocast for the forward (relevance and loss stay fp32).",
-)
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option(
+@_option("--devices", type=int, help="Processes for DDP (one per GPU; gloo on CPU).")
+@_option("--amp/--no-amp", help="GPU autocast for the forward (relevance and loss stay fp32).")
+@_option("--seed", type=int)
+@_option(
     "--deterministic/--no-deterministic",
-    default=_DEFAULTS.deterministic,
-    show_default=True,
     help="Deterministic algorithms (slower on GPU); a resumed run then matches an uninterrupted one.",
 )
-@click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Data-loading processes.")
+@_option("--workers", type=int, help="Data-loading processes.")
 @click.option("--cache", help="Folder for decoded images (default: OUT/.cache).")
-@click.option("--out", default=_DEFAULTS.out, show_default=True, help="Parent folder of the run folder.")
+@_option("--out", help="Parent folder of the run folder.")
 @click.option("--name", help="Run folder name (default: run-NNN, the next free number).")
-@click.option(
+@_option(
     "--precise-bn/--no-precise-bn",
-    default=_DEFAULTS.precise_bn,
-    show_default=True,
     help="Re-estimate batch-norm statistics on the training data after each epoch (reliable eval-mode outputs).",
 )
-@click.option(
-    "--heatmaps", type=int, default=_DEFAULTS.heatmaps, show_default=True, help="Validation heatmaps drawn per epoch."
-)
-@click.option(
+@_option("--heatmaps", type=int, help="Validation heatmaps drawn per epoch.")
+@_option(
     "--max-bad-steps",
     type=int,
-    default=_DEFAULTS.max_bad_steps,
-    show_default=True,
     help="Stop after this many non-finite losses in a row (each is skipped with a warning).",
 )
 @click.option("--resume", type=click.Path(exists=True), help="Continue a run folder (or its last checkpoint).")

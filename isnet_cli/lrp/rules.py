@@ -77,19 +77,14 @@ def linear_transpose(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # (adaptive?, number of spatial dims) of each average pool, module classes and functions
+_POOL_FAMILIES: tuple[tuple[tuple[Any, ...], bool], ...] = (
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), False),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), True),
+    ((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), False),
+    ((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d), True),
+)
 _POOLS: dict[Any, tuple[bool, int]] = {
-    nn.AvgPool1d: (False, 1),
-    nn.AvgPool2d: (False, 2),
-    nn.AvgPool3d: (False, 3),
-    nn.AdaptiveAvgPool1d: (True, 1),
-    nn.AdaptiveAvgPool2d: (True, 2),
-    nn.AdaptiveAvgPool3d: (True, 3),
-    F.avg_pool1d: (False, 1),
-    F.avg_pool2d: (False, 2),
-    F.avg_pool3d: (False, 3),
-    F.adaptive_avg_pool1d: (True, 1),
-    F.adaptive_avg_pool2d: (True, 2),
-    F.adaptive_avg_pool3d: (True, 3),
+    pool: (adaptive, dims) for family, adaptive in _POOL_FAMILIES for dims, pool in enumerate(family, start=1)
 }
 # F.avg_pool{1,2,3}d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 _AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
