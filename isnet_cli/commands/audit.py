@@ -83,10 +83,7 @@ def command(
         say_error(failure["error"])
     summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
     summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
-    if backend.path.suffix == ".safetensors":
-        out = Path(out_dir) if out_dir else backend.path.parent / "audit"
-    else:
-        out = Path(out_dir) if out_dir else Path("audit")
+    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "audit")
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)
     sheet = out / "audit_worst.png"

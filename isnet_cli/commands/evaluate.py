@@ -12,11 +12,6 @@ import click
 from isnet_cli.commands import options as opt
 
 
-def default_out_dir(model_path: Path) -> Path:
-    """The run folder's eval/ for a checkpoint, ./eval for an exported model."""
-    return model_path.parent / "eval" if model_path.suffix == ".safetensors" else Path("eval")
-
-
 def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, Any], what: str) -> Any:
     from isnet_cli.console import make_progress, progress_enabled
     from isnet_cli.report.evaluate import score_samples
@@ -111,7 +106,7 @@ def command(
             "model_b": {"file": str(other.path), "model_id": other.model_id, "arch": other.meta.get("arch")},
             **compare_models(scored, other_scored, backend.classes),
         }
-    out = Path(out_dir) if out_dir else default_out_dir(backend.path)
+    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "eval")
     write_report(report, scored, out)
     if as_json:
         click.echo(json.dumps(report, indent=2))

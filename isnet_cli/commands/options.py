@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -18,6 +19,11 @@ def model_option(onnx: bool = True):
     if onnx:
         kinds = "Checkpoint, run folder or exported .onnx (+ its .onnx.json sidecar)"
     return click.option("--model", "-m", default=None, help=f"{kinds}; default: the newest run under runs/.")
+
+
+def report_folder(model_path: Path, folder: str) -> Path:
+    """The default of `out_dir_option`: the run folder's `folder`/ for a checkpoint, ./`folder` for an export."""
+    return model_path.parent / folder if model_path.suffix == ".safetensors" else Path(folder)
 
 
 def out_dir_option(contents: str, folder: str) -> Callable[[F], F]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -54,16 +55,10 @@ def command(
     Example:
       isnet predict scans/ --model model.onnx --out results.csv --resume
     """
-    from isnet_cli.console import make_progress, progress_enabled, say, say_error
+    from isnet_cli.console import progress_enabled, say
     from isnet_cli.errors import InputError
     from isnet_cli.infer.loading import load_backend
-    from isnet_cli.infer.predict import (
-        Failure,
-        ResultsFile,
-        check_threshold,
-        pending,
-        predict_samples,
-    )
+    from isnet_cli.infer.predict import ResultsFile, check_threshold, pending
     from isnet_cli.io.inputs import expand_inputs
 
     if resume and out is None:
@@ -76,30 +71,10 @@ def command(
     todo = pending(samples, results)
     if results is not None and len(todo) < len(samples):
         say(f"resume: {len(samples) - len(todo)} of {len(samples)} inputs already in {out}")
-    table_rows = []
-    failures = 0
     try:
-        with make_progress(progress_enabled(no_progress) and len(todo) > 1) as progress:
-            task = progress.add_task("predict", total=len(todo))
-
-            def after_batch(n: int) -> None:
-                if results is not None:
-                    results.flush()
-                progress.advance(task, n)
-
-            for item in predict_samples(
-                backend, todo, batch_size, threshold, fail_fast, workers=workers, on_batch=after_batch
-            ):
-                if isinstance(item, Failure):
-                    failures += 1
-                    say_error(item.message)
-                    continue
-                if as_json:
-                    click.echo(json.dumps(item.to_json(backend.model_id)))
-                if results is not None:
-                    results.write(item, backend.model_id)
-                if not as_json and results is None:
-                    table_rows.append(item)
+        show = progress_enabled(no_progress) and len(todo) > 1
+        run = (batch_size, threshold, fail_fast, workers)
+        table_rows, failures = _predict_all(backend, todo, results, as_json, run, show)
     finally:
         if results is not None:
             results.close()
@@ -109,6 +84,38 @@ def command(
     say(f"{done} predicted, {failures} failed" + (f", results in {out}" if out else ""))
     if failures:
         raise InputError(None, f"{failures} of {len(todo)} inputs could not be used (listed above)")
+
+
+def _predict_all(
+    backend: Any, todo: list[Any], results: Any, as_json: bool, run: tuple[Any, ...], show: bool
+) -> tuple[list[Any], int]:
+    """Predict `todo` (`run`: batch size, threshold, fail-fast, workers): JSON lines, the results file
+    (flushed per batch) or rows for the table; failures reported as they come. Returns (rows, failures)."""
+    from isnet_cli.console import make_progress, say_error
+    from isnet_cli.infer.predict import Failure, predict_samples
+
+    batch_size, threshold, fail_fast, workers = run
+    table_rows, failures = [], 0
+    with make_progress(show) as progress:
+        task = progress.add_task("predict", total=len(todo))
+
+        def after_batch(n: int) -> None:
+            if results is not None:
+                results.flush()
+            progress.advance(task, n)
+
+        for item in predict_samples(backend, todo, batch_size, threshold, fail_fast, workers, after_batch):
+            if isinstance(item, Failure):
+                failures += 1
+                say_error(item.message)
+                continue
+            if as_json:
+                click.echo(json.dumps(item.to_json(backend.model_id)))
+            if results is not None:
+                results.write(item, backend.model_id)
+            if not as_json and results is None:
+                table_rows.append(item)
+    return table_rows, failures
 
 
 def _print_table(rows: list, classes: list[str]) -> None:
