@@ -253,16 +253,7 @@ def synthesize(
     from isnet_cli.console import track
 
     classes = list(classes)
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise InputError(None, f"classes {classes} must be at least two distinct names", "e.g. normal,opacity")
-    if n < 1 or size < 16:
-        raise InputError(None, f"need n >= 1 and size >= 16 (got n={n}, size={size})")
-    if fmt not in ("png", "dcm"):
-        raise InputError(None, f"unknown format {fmt!r}", "use png or dcm")
-    if bits not in (8, 12, 16):
-        raise InputError(None, f"bits must be 8, 12 or 16 (got {bits})")
-    if fmt == "png" and compression:
-        raise InputError(None, "compression applies to DICOM only", "add --format dcm")
+    _check_settings(classes, n, size, fmt, bits, compression)
     bias = parse_bias(bias) if isinstance(bias, str) else bias
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -279,18 +270,7 @@ def synthesize(
         stem = f"{i:05d}_{classes[label]}"
         mask_rel = f"masks/{stem}.png"
         Image.fromarray(ph.mask.astype(np.uint8) * 255).save(out / mask_rel)
-        if fmt == "png":
-            image_rel = f"images/{stem}.png"
-            if bits == 8:
-                Image.fromarray(np.round(ph.image * 255).astype(np.uint8)).save(out / image_rel)
-            else:
-                top = 2**bits - 1
-                Image.fromarray(np.round(ph.image * top).astype(np.uint16)).save(out / image_rel)
-        else:
-            from isnet_cli.io.dicom import write_dicom
-
-            image_rel = f"images/{stem}.dcm"
-            write_dicom(out / image_rel, ph.image, photometric=photometric, bits=bits, compression=compression)
+        image_rel = _write_image(out, stem, ph.image, fmt, bits, photometric, compression)
         rows.append({"image": image_rel, "mask": mask_rel, "label": classes[label], "marker": int(marker)})
 
     manifest = out / "manifest.csv"
@@ -299,3 +279,38 @@ def synthesize(
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def _check_settings(classes: list[str], n: int, size: int, fmt: str, bits: int, compression: str | None) -> None:
+    """Refuse settings `synthesize` cannot honour, naming the fix."""
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise InputError(None, f"classes {classes} must be at least two distinct names", "e.g. normal,opacity")
+    if n < 1 or size < 16:
+        raise InputError(None, f"need n >= 1 and size >= 16 (got n={n}, size={size})")
+    if fmt not in ("png", "dcm"):
+        raise InputError(None, f"unknown format {fmt!r}", "use png or dcm")
+    if bits not in (8, 12, 16):
+        raise InputError(None, f"bits must be 8, 12 or 16 (got {bits})")
+    if fmt == "png" and compression:
+        raise InputError(None, "compression applies to DICOM only", "add --format dcm")
+
+
+def _write_image(
+    out: Path, stem: str, image: np.ndarray, fmt: str, bits: int, photometric: str, compression: str | None
+) -> str:
+    """Write one phantom image (PNG, 8 or 16 bit, or DICOM) under OUT/images; its path relative to OUT."""
+    from PIL import Image
+
+    if fmt != "png":
+        from isnet_cli.io.dicom import write_dicom
+
+        image_rel = f"images/{stem}.dcm"
+        write_dicom(out / image_rel, image, photometric=photometric, bits=bits, compression=compression)
+        return image_rel
+    image_rel = f"images/{stem}.png"
+    if bits == 8:
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / image_rel)
+    else:
+        top = 2**bits - 1
+        Image.fromarray(np.round(image * top).astype(np.uint16)).save(out / image_rel)
+    return image_rel

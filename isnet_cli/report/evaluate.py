@@ -131,23 +131,8 @@ def build_report(scored: Scored, classes: list[str], threshold: float | None = N
     cm = confusion_matrix(y, pred, k)
     precision, recall, f1 = per_class_scores(cm)
     accuracy, balanced, macro_f1 = summary_scores(cm)
-    per_class_auc: dict[str, Any] = {}
-    for c, name in enumerate(classes):
-        positive = y == c
-        if 0 < positive.sum() < len(y):
-            auc, ci = auroc_ci(probs[:, c], positive)
-            per_class_auc[name] = {"auroc": auc, "ci95": ci}
-        else:
-            per_class_auc[name] = {"auroc": None, "ci95": None}
-    macro = macro_auroc(y, probs)
-    if k == 2 and macro is not None:
-        macro_ci, method = per_class_auc[classes[1]]["ci95"], "DeLong (normal approximation)"
-    elif macro is not None:
-        boot = bootstrap_macro_auroc(y, [probs])
-        macro_ci = [float(v) for v in np.percentile(boot[:, 0], [2.5, 97.5])] if len(boot) else None
-        method = f"percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"
-    else:
-        macro_ci, method = None, None
+    per_class_auc = _per_class_auroc(y, probs, classes)
+    macro, macro_ci, method = _macro_auroc(y, probs, per_class_auc, classes)
     has_shares = bool(np.isfinite(scored.share_abs).any())
     return {
         "n": len(y),
@@ -188,6 +173,33 @@ def build_report(scored: Scored, classes: list[str], threshold: float | None = N
         else None,
         "failed": scored.failed,
     }
+
+
+def _per_class_auroc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """One-vs-rest AUROC with its DeLong CI per class (None where the class is absent or alone)."""
+    out: dict[str, Any] = {}
+    for c, name in enumerate(classes):
+        positive = y == c
+        if 0 < positive.sum() < len(y):
+            auc, ci = auroc_ci(probs[:, c], positive)
+            out[name] = {"auroc": auc, "ci95": ci}
+        else:
+            out[name] = {"auroc": None, "ci95": None}
+    return out
+
+
+def _macro_auroc(
+    y: np.ndarray, probs: np.ndarray, per_class: dict[str, Any], classes: list[str]
+) -> tuple[float | None, list[float] | None, str | None]:
+    """(macro AUROC, its 95% CI, how the CI was found): DeLong for two classes, bootstrap for more."""
+    macro = macro_auroc(y, probs)
+    if macro is None:
+        return None, None, None
+    if len(classes) == 2:
+        return macro, per_class[classes[1]]["ci95"], "DeLong (normal approximation)"
+    boot = bootstrap_macro_auroc(y, [probs])
+    ci = [float(v) for v in np.percentile(boot[:, 0], [2.5, 97.5])] if len(boot) else None
+    return macro, ci, f"percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"
 
 
 def compare_models(a: Scored, b: Scored, classes: list[str]) -> dict[str, Any]:
