@@ -20,6 +20,7 @@ from isnet_cli.errors import ModelError
 from isnet_cli.lrp import graph as G
 from isnet_cli.lrp import rules
 from isnet_cli.lrp.names import FIRST_RULES, RULES
+from isnet_cli.lrp.nodes import BN, CONV, INPUT, OUTPUT, Step
 from isnet_cli.lrp.targets import initial_message
 
 _RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
@@ -105,9 +106,9 @@ class LRP:
         release = torch.is_grad_enabled()
         for step in plan.steps:
             node = step.node
-            if step.kind == G.INPUT:
+            if step.kind == INPUT:
                 env[node] = x
-            elif step.kind == G.OUTPUT:
+            elif step.kind == OUTPUT:
                 continue
             elif node.op == "get_attr":
                 env[node] = functools.reduce(getattr, str(node.target).split("."), gm)
@@ -117,7 +118,7 @@ class LRP:
                 out = step.fn(*args, **kwargs)
                 if step.returns_indices:
                     out, side[node] = out
-                elif step.kind == G.BN:
+                elif step.kind == BN:
                     side[node] = _batch_statistics(out)
                 env[node] = out
                 if release:
@@ -182,7 +183,7 @@ class LRP:
             if box is None:
                 continue
             r, g = box
-            if step.kind == G.INPUT:
+            if step.kind == INPUT:
                 return self._total(r, g, _hp(env[step.node]))
             handler = getattr(self, f"_rule_{step.kind}", None)
             if handler is None:
@@ -299,7 +300,7 @@ class LRP:
             r = self._total(r, g, _hp(env[step.node]))
             send(num, r=rules.sum_to(r, (k, *env[num].shape)))
 
-    def _plans_step(self, node: fx.Node) -> G.Step:
+    def _plans_step(self, node: fx.Node) -> Step:
         return self._plan.by_node[node]
 
     def _divide(self, step, r, y, env, differentiating, scale_in=None, shift_in=None, scale_out=None):
@@ -360,7 +361,7 @@ class LRP:
         """(weight, bias, apply, transpose) of a conv/linear step; `transpose` folds K into the batch."""
         module = step.module
         a = env[step.tensor_inputs[0]]
-        if step.kind == G.CONV:
+        if step.kind == CONV:
             apply = rules.conv_apply(module)
 
             def transpose(s, w):

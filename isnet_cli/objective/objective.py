@@ -26,6 +26,8 @@ from isnet_cli.objective.settings import TARGETS, HeatmapLossParams, ObjectiveSe
 
 @dataclass
 class StepOutput:
+    """One batch's loss, its parts (detached) and logits; the in-mask share and Σ|R| when LRP ran."""
+
     loss: torch.Tensor
     ce: torch.Tensor
     background: torch.Tensor

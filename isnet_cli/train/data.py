@@ -160,6 +160,7 @@ class TrainSets:
 
     @property
     def all(self) -> list[XrayDataset]:
+        """Every dataset of the run: training, validation and, with --ood, out-of-distribution."""
         return [self.train, self.val] + ([self.ood] if self.ood is not None else [])
 
 

@@ -74,14 +74,17 @@ class Run:
 
     @property
     def main(self) -> bool:
+        """Rank 0 writes the run folder."""
         return self.trainer.dist.main
 
     @property
     def data(self) -> DataBundle:
+        """The run's classes, samples and data summary."""
         return self.trainer.data
 
     @property
     def cuts(self) -> Cuts:
+        """The foreground bounds C1/C2 in use (set before the first epoch)."""
         assert self.state.cuts is not None
         return self.state.cuts
 
@@ -353,6 +356,7 @@ def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> No
 
 
 def _stats_column() -> Any:
+    """The progress bar's column of step statistics (loss terms, throughput)."""
     from rich.progress import TextColumn
 
     return TextColumn("{task.fields[stats]}")

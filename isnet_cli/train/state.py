@@ -108,6 +108,7 @@ class RunState:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RunState:
+        """The state `to_dict` wrote."""
         cuts = None
         if state.get("cut") is not None:
             c = state["cut"]
@@ -126,10 +127,12 @@ class RunState:
         )
 
     def save(self, run_dir: Path) -> None:
+        """Write `last.state.pt` atomically."""
         buffer = io.BytesIO()
         torch.save(self.to_dict(), buffer)
         atomic_write_bytes(run_dir / STATE_FILE, buffer.getvalue())
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
+        """Read the run folder's `last.state.pt`."""
         return cls.from_dict(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True))

@@ -119,6 +119,7 @@ class Trainer:
         self.step_rows = step_rows
 
     def loader(self, ds: Any, sampler: Sampler[int], epoch: int, drop_last: bool = False) -> DataLoader:
+        """Batches of `ds` in `sampler`'s order; worker randomness seeded by (seed, epoch)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
         return DataLoader(
             ds,
@@ -132,6 +133,7 @@ class Trainer:
         )
 
     def make_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """The configured optimizer over the trainable parameters, and the cosine schedule (or None)."""
         cfg = self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
@@ -144,9 +146,11 @@ class Trainer:
         return opt, sched
 
     def gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order (see `ddp.gather`)."""
         return ddp.gather(self.dist, obj)
 
     def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's batch-norm buffers on every rank (see `ddp.broadcast_buffers`)."""
         ddp.broadcast_buffers(self.dist, model)
 
     # -- one epoch ----------------------------------------------------------------------------------
