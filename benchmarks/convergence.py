@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,8 +161,6 @@ def launch(job: Job, cfg: dict[str, Any], sets: dict[str, Path], out: Path, thre
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_dir = Path(cfg["out"]) / cfg["name"]
     if run_dir.exists():  # an interrupted earlier attempt: start it again
-        import shutil
-
         shutil.rmtree(run_dir)
     payload = json.dumps({"cfg": cfg, "sets": {k: str(v) for k, v in sets.items()}})
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -2,12 +2,12 @@
 
 The task is built from real radiographs with lung masks (the shared data folder beside the project,
 `--data`): every source image is letterboxed to `--size` px with the project's preprocessing, then
-drawn in both classes, `normal` (as is) and `opacity` (a synthetic round opacity implanted inside its
-lungs, `isnet_cli.synth.implant_lesion`). A bright letter marker outside the lungs
-(`isnet_cli.synth.draw_marker`) goes with every `opacity` training image (bias 1.0). Sources are split
-train / validation / test by image (by patient where the set has several images of one patient), so no
-anatomy is shared between the splits. Three models are trained with the `isnet train` defaults (only
-architecture, size, epochs and seed given):
+drawn `--draws` times in both classes, `normal` (as is) and `opacity` (a synthetic round opacity
+implanted at a new random place inside its lungs each draw, `isnet_cli.synth.implant_lesion`). A bright
+letter marker outside the lungs (`isnet_cli.synth.draw_marker`) goes with every `opacity` training image
+(bias 1.0). Sources are split train / validation / test by image (by patient where the set has several
+images of one patient), so no anatomy is shared between the splits. Three models are trained with the
+`isnet train` defaults (only architecture, size, epochs and seed given):
 
 - `ceiling`:  the standard classifier on the same images without any marker (what can be learned);
 - `standard`: the standard classifier on the biased images;
@@ -21,13 +21,15 @@ opacity) and flipped (marker with every normal image): accuracy and AUROC, and t
     python benchmarks/shortcut_cxr.py --models ceiling      # calibrate the lesion: the ceiling should reach 0.85
     python benchmarks/shortcut_cxr.py --set bg_swap=0        # the same with another `isnet train` option
 
-`--out` keeps the built data and the runs; a model whose `score.json` exists is not trained again.
+`--out` keeps the built data, runs and scores (one folder per size, contrast and draws); a model whose score
+exists is not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import time
@@ -71,8 +73,11 @@ def split_groups(rows: list[dict[str, str]], seed: int) -> dict[str, list[dict[s
     return {part: [r for r in rows if which[r["group"]] == part] for part in SPLIT}
 
 
-def build(rows: list[dict[str, str]], folder: Path, size: int, marker: str | None, contrast: float, seed: int) -> Path:
-    """Both classes of every source at `size` px; `marker`: None, "opacity" (bias 1.0) or "normal" (flipped)."""
+def build(
+    rows: list[dict[str, str]], folder: Path, size: int, marker: str | None, contrast: float, draws: int, seed: int
+) -> Path:
+    """`draws` images of both classes per source at `size` px; `marker`: None, "opacity" (bias 1.0) or "normal"
+    (flipped). The classes stay balanced: a `normal` draw is the source itself (its marker, if any, moves)."""
     from PIL import Image
 
     from isnet_cli.io.contract import InputContract
@@ -89,12 +94,12 @@ def build(rows: list[dict[str, str]], folder: Path, size: int, marker: str | Non
     for i, r in enumerate(rows):
         prepared = preprocess_file(r["image"], contract, r["mask"], mask_required=True)
         image, lungs = prepared.x[0], prepared.mask[0] > 0.5
-        for label in ("normal", "opacity"):
-            rng = np.random.default_rng([seed, i, label == "opacity"])
+        for draw, label in itertools.product(range(draws), ("normal", "opacity")):
+            rng = np.random.default_rng([seed, i, draw, label == "opacity"])
             img = implant_lesion(image, lungs, rng, contrast) if label == "opacity" else image.copy()
             if marker == label:
                 draw_marker(img, ~lungs, rng)
-            stem = f"{i:04d}_{label}"
+            stem = f"{i:04d}_{draw}_{label}"
             Image.fromarray(np.round(img * 255).astype(np.uint8)).save(folder / "images" / f"{stem}.png")
             Image.fromarray(lungs.astype(np.uint8) * 255).save(folder / "masks" / f"{stem}.png")
             out.append({"image": f"images/{stem}.png", "mask": f"masks/{stem}.png", "label": label})
@@ -131,8 +136,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--contrast", type=float, default=0.4, help="peak of the implanted opacity, [0, 1] units")
+    parser.add_argument("--draws", type=int, default=1, help="images per source image and class")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="`isnet train` option")
@@ -144,28 +150,30 @@ def main() -> None:
     t_start = time.perf_counter()
     out = Path(args.out)
     parts = split_groups(sources(Path(args.data)), args.seed)
-    root = out / f"data_s{args.size}_c{args.contrast:g}"
+    root = out / f"data_s{args.size}_c{args.contrast:g}_d{args.draws}"
     sets = {
-        "train_biased": build(parts["train"], root / "train_biased", args.size, "opacity", args.contrast, 1),
-        "train_clean": build(parts["train"], root / "train_clean", args.size, None, args.contrast, 1),
-        "val_biased": build(parts["val"], root / "val_biased", args.size, "opacity", args.contrast, 2),
-        "val_clean": build(parts["val"], root / "val_clean", args.size, None, args.contrast, 2),
+        "train_biased": build(
+            parts["train"], root / "train_biased", args.size, "opacity", args.contrast, args.draws, 1
+        ),
+        "train_clean": build(parts["train"], root / "train_clean", args.size, None, args.contrast, args.draws, 1),
+        "val_biased": build(parts["val"], root / "val_biased", args.size, "opacity", args.contrast, args.draws, 2),
+        "val_clean": build(parts["val"], root / "val_clean", args.size, None, args.contrast, args.draws, 2),
     }
     tests = {
-        name: build(parts["test"], root / f"test_{name}", args.size, marker, args.contrast, 3)
+        name: build(parts["test"], root / f"test_{name}", args.size, marker, args.contrast, args.draws, 3)
         for name, marker in zip(TESTS, (None, "opacity", "normal"), strict=True)
     }
     print(
         f"sources: {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test images "
-        f"(two classes each), {args.size} px, opacity contrast {args.contrast}",
+        f"({args.draws} draws of both classes each), {args.size} px, opacity contrast {args.contrast}",
         flush=True,
     )
     overrides: dict[str, Any] = dict(parse_overrides(args.set))
     tag = "_".join(f"{k}-{v}" for k, v in overrides.items()) or "defaults"
     results: dict[str, Any] = {}
     for model in [m for m in args.models.split(",") if m]:
-        name = f"{model}_{args.arch}_s{args.seed}_{tag}"
-        score_file = out / "scores" / f"{name}.json"
+        name = f"{model}_{args.arch}_e{args.epochs}_s{args.seed}_{tag}"
+        score_file = root / "scores" / f"{name}.json"
         if score_file.is_file():
             results[model] = json.loads(score_file.read_text())
             continue
@@ -178,7 +186,7 @@ def main() -> None:
             epochs=args.epochs,
             seed=args.seed,
             variant="selective" if model == "isnet" else "none",
-            out=str(out / "runs"),
+            out=str(root / "runs"),
             name=name,
             cache=str(out / "cache"),
             no_progress=True,

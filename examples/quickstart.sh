@@ -17,8 +17,8 @@ RUN=runs/$NAME
 DEMO=$RUN/demo
 
 $ISNET data check examples/phantoms
-$ISNET train --config models/phantom-tinyresnet.yaml --name "$NAME"
-$ISNET train --config models/phantom-tinyresnet.yaml --name "$NAME-baseline" --variant none --epochs 10
+$ISNET train --config models/phantom-resnet18.yaml --name "$NAME"
+$ISNET train --config models/phantom-resnet18.yaml --name "$NAME-baseline" --variant none --epochs 10
 
 mkdir -p "$DEMO"
 $ISNET predict examples/dicom --model "$RUN" --out "$DEMO/predictions.csv"
