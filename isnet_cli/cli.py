@@ -11,7 +11,7 @@ import sys
 import click
 
 from isnet_cli import __version__
-from isnet_cli.commands import audit, data, evaluate, explain, export, info, predict, train
+from isnet_cli.commands import audit, data, evaluate, explain, export, info, predict, segment, train
 from isnet_cli.errors import IsnetError
 
 
@@ -28,7 +28,7 @@ def cli() -> None:
     """
 
 
-for module in (data, train, predict, explain, export, evaluate, audit, info):
+for module in (data, train, predict, explain, export, evaluate, audit, info, segment):
     cli.add_command(module.command)
 
 

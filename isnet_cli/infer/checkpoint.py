@@ -93,6 +93,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     from isnet_cli.backbones import build_model
 
     meta = read_meta(path)
+    if meta.get("task") == "segmentation":
+        raise InputError(
+            path,
+            "this is a lung segmenter, not a classifier",
+            "use it with `isnet segment --model`, or pass a classifier",
+        )
     model = build_model(
         meta["arch"],
         meta["num_classes"],

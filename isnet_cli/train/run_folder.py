@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -160,7 +160,7 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_steps(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -194,7 +194,7 @@ def plot_steps(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def heatmap_grid(
@@ -220,10 +220,11 @@ def heatmap_grid(
         for ax in axes[:, i]:
             ax.axis("off")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure -> PNG at `path` (atomic); the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -235,13 +236,22 @@ def _save_figure(fig: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- run folder and resume
 
 
-def resolve_run_dir(cfg: TrainConfig) -> Path:
-    """OUT/NAME (NAME: --name or the next run-NNN); an existing non-empty folder is refused."""
+class RunNaming(Protocol):
+    """What names a run folder: `--out` (the parent) and `--name` (None: the next run-NNN)."""
+
+    out: str
+    name: str | None
+
+
+def resolve_run_dir(cfg: RunNaming, resumable: bool = True) -> Path:
+    """OUT/NAME (NAME: --name or the next run-NNN); an existing non-empty folder is refused (`resumable`:
+    the fix offers --resume)."""
     out = Path(cfg.out)
     name = cfg.name or next_run_name(out)
     run_dir = out / name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(run_dir, "run folder already exists", "pick another --name, or continue it with --resume")
+        fix = "pick another --name" + (", or continue it with --resume" if resumable else "")
+        raise InputError(run_dir, "run folder already exists", fix)
     return run_dir
 
 

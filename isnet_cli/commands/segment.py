@@ -1,0 +1,146 @@
+"""`isnet segment`: lung masks for radiographs (`isnet segment INPUT...`) and training the segmenter
+(`isnet segment train DATA`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from isnet_cli.commands import options as opt
+from isnet_cli.errors import InputError
+from isnet_cli.io.contract import RESIZE_MODES
+from isnet_cli.segment.config import SegmentConfig
+from isnet_cli.segment.infer import QC_CHOICES
+
+_DEFAULTS = SegmentConfig()
+
+
+class _DefaultToMasks(click.Group):
+    """`isnet segment INPUT...` runs the `masks` subcommand; `isnet segment train DATA` trains."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["masks", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("segment", cls=_DefaultToMasks)
+def command() -> None:
+    """Lung masks: segment radiographs with a trained segmenter, or train one (MONAI U-Net).
+
+    \b
+    Example:
+      isnet segment train data/phantoms/manifest.csv --img-size 64 --epochs 20 --name lungs
+      isnet segment data/unmasked/manifest.csv --model runs/lungs --out data/masked
+      isnet train data/masked/manifest.csv
+    """
+
+
+def _option(*decls: str, **attrs: Any) -> Any:
+    """An option whose default is `SegmentConfig`'s field of the same name (shown in --help)."""
+    field = decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    return click.option(*decls, default=getattr(_DEFAULTS, field), show_default=True, **attrs)
+
+
+@command.command("train")
+@click.argument("data")
+@click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
+@_option("--val-fraction", type=float, help="Validation share when --val is not given.")
+@_option("--img-size", type=int, help="Input size (square, pixels; a multiple of the U-Net's downsampling).")
+@_option("--resize", type=click.Choice(RESIZE_MODES))
+@opt.window_option
+@_option("--augment/--no-augment", help="Small affine + brightness jitter, the same on image and mask.")
+@click.option(
+    "--channels",
+    default=",".join(map(str, _DEFAULTS.channels)),
+    show_default=True,
+    help="U-Net widths per level (comma-separated); each level after the first halves the resolution.",
+)
+@_option("--res-units", type=int, help="Residual units per U-Net block.")
+@_option("--batch-size", type=int)
+@_option("--epochs", type=int)
+@_option("--lr", type=float, help="Adam learning rate (cosine schedule).")
+@opt.device_option
+@_option("--seed", type=int)
+@click.option("--cache", help="Folder for decoded images (default: OUT/.cache).")
+@_option("--out", help="Parent folder of the run folder.")
+@click.option("--name", help="Run folder name (default: run-NNN, the next free number).")
+@_option("--contours", type=int, help="Validation images drawn in contours.png.")
+@opt.no_progress_option
+def train(data: str, channels: str, **options: Any) -> None:
+    """Train a 2-D lung segmenter on DATA (manifest CSV or images/ + masks/ folders; every image needs a mask).
+
+    Writes runs/<name>/: best/last.safetensors (task: segmentation), metrics.csv (validation Dice and HD95
+    per epoch), contours.png, config.json. Not built yet: --resume, --devices, --amp.
+
+    \b
+    Example:
+      isnet segment train data/lungs/manifest.csv --img-size 256 --epochs 40 --name lungs
+    """
+    from isnet_cli.segment.fit import train_segmenter
+
+    try:
+        widths = tuple(int(c) for c in channels.split(",") if c.strip())
+    except ValueError as exc:
+        raise InputError(None, f"--channels {channels!r}: not a list of integers", "e.g. --channels 16,32,64") from exc
+    result = train_segmenter(SegmentConfig(data=data, channels=widths, **options))
+    click.echo(
+        f"run folder: {result.run_dir}  (best: epoch {result.best['epoch']}, "
+        f"dice {result.best['val_dice']:.4f}, hd95 {result.best['val_hd95']:.2f} px)"
+    )
+
+
+@command.command("masks")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--model", "-m", required=True, help="Segmenter checkpoint or run folder (from `isnet segment train`).")
+@click.option(
+    "--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for masks/, qc.csv, manifest.csv."
+)
+@click.option(
+    "--qc",
+    type=click.Choice(QC_CHOICES),
+    default=QC_CHOICES[0],
+    show_default=True,
+    help="Masks flagged by quality control: left out of the new manifest, or kept (empty masks are always left out).",
+)
+@click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
+@opt.device_option
+@opt.fail_fast_option()
+@opt.no_progress_option
+def masks(
+    inputs: tuple[str, ...],
+    model: str,
+    out: str,
+    qc: str,
+    overwrite: bool,
+    batch_size: int,
+    device: str,
+    fail_fast: bool,
+    no_progress: bool,
+) -> None:
+    """Segment the lungs of every INPUT (files, folders, manifest CSVs, '-' = paths on stdin).
+
+    Writes OUT/masks/*.png at each input's original size, OUT/qc.csv (lung area, components, left/right
+    balance per mask; flagged ones with ok = 0) and, when INPUT is a manifest or images/<class>/ folder,
+    OUT/manifest.csv with the mask column filled, ready for `isnet train`. Unreadable inputs are reported
+    and skipped; the exit code is then 2.
+
+    \b
+    Example:
+      isnet segment scans/manifest.csv --model runs/lungs --out scans-masked
+    """
+    from isnet_cli.console import progress_enabled, say
+    from isnet_cli.segment.infer import segment_inputs
+
+    result = segment_inputs(
+        inputs, model, Path(out), qc, device, batch_size, fail_fast, overwrite, progress_enabled(no_progress)
+    )
+    line = f"{result.written} masks written to {Path(out) / 'masks'}, {result.flagged} flagged by QC (qc.csv)"
+    if result.manifest is not None:
+        line += f"; {result.manifest} lists {result.manifest_rows} image(s) with masks"
+    say(line + (f", {result.failed} failed" if result.failed else ""))
+    if result.failed:
+        raise InputError(None, f"{result.failed} input(s) could not be segmented (listed above)")

@@ -1,0 +1,243 @@
+"""`isnet segment INPUTS`: a lung mask per input at the input's original geometry, QC, a new manifest.
+
+Inputs are decoded and preprocessed by the contract recorded in the segmenter (`iter_prepared`, the same
+path as `isnet predict`); the lung probability is taken back to the original (H, W) by undoing the
+letterbox or stretch (`unletterbox`), thresholded at 0.5, cleaned (`clean_mask`) and checked (`quality`).
+Each mask PNG is written atomically as soon as it is computed and each qc.csv row is flushed, so a run
+stopped by a bad input (`--fail-fast`) or killed keeps everything written before.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isnet_cli.errors import InputError
+from isnet_cli.infer.predict import Failure, iter_prepared
+from isnet_cli.io.atomic import atomic_write_bytes
+from isnet_cli.io.contract import InputContract
+from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
+from isnet_cli.io.preprocess import unletterbox
+from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
+
+QC_COLUMNS = ("image", "mask", "ok", "area_fraction", "components", "balance", "problems")
+QC_CHOICES = ("exclude", "keep")
+
+
+@dataclass
+class Segmented:
+    """One input's result: the cleaned bool mask at the original geometry and its QC."""
+
+    sample: Sample
+    mask: np.ndarray
+    qc: Qc
+
+
+def predict_masks(
+    net: Any,
+    contract: InputContract,
+    samples: list[Sample],
+    device: Any,
+    batch_size: int = 8,
+    fail_fast: bool = False,
+    limits: QcLimits = QcLimits(),  # noqa: B008 (frozen, immutable)
+) -> Iterator[Segmented | Failure]:
+    """Masks and failures, in input order; an unreadable input raises with `fail_fast`, else is a `Failure`."""
+    import torch
+
+    for batch in iter_prepared(samples, contract, batch_size):
+        good = []
+        for sample, prepared in batch:
+            if isinstance(prepared, Exception):
+                if fail_fast:
+                    raise prepared
+                yield Failure(str(sample.image), str(prepared))
+            else:
+                good.append((sample, prepared))
+        if not good:
+            continue
+        x = torch.from_numpy(np.stack([p.x[:1] for _, p in good])).to(device)
+        with torch.no_grad():
+            lung = torch.softmax(net(x).float(), dim=1)[:, 1].cpu().numpy()
+        for (sample, prepared), prob in zip(good, lung, strict=True):
+            mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
+            yield Segmented(sample, mask, quality(mask, limits))
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A bool mask as an 8-bit PNG {0, 255} (what `isnet_cli.io.masks` reads back)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class MaskNames:
+    """Where each input's mask goes: masks/<path relative to the inputs' common folder>.png, unique."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        parents = [str(s.image.resolve().parent) for s in samples]
+        self.root = Path(os.path.commonpath(parents)) if parents else Path()
+        self.used: set[str] = set()
+
+    def __call__(self, image: Path) -> str:
+        rel = image.resolve().relative_to(self.root).with_suffix("")
+        name, n = f"masks/{rel.as_posix()}.png", 1
+        while name in self.used:  # a.png and a.dcm in one folder
+            n += 1
+            name = f"masks/{rel.as_posix()}_{n}.png"
+        self.used.add(name)
+        return name
+
+
+class QcFile:
+    """qc.csv: one row per input (flagged ones with ok = 0 and their problems), flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+        self.writer = csv.DictWriter(self.fh, fieldnames=list(QC_COLUMNS))
+        self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow(row)
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def source_rows(inputs: Sequence[str], samples: Sequence[Sample]) -> tuple[list[str], list[dict[str, str]]] | None:
+    """The manifest rows to complete with masks, image paths absolute, when INPUTS is one dataset: a manifest
+    CSV (or a folder holding one; every column kept) or an images/<class>/ folder tree (image, mask, label).
+    None for anything else (files, plain folders, several inputs)."""
+    if len(inputs) != 1 or inputs[0] == "-":
+        return None
+    path = Path(inputs[0])
+    if path.is_dir():
+        csv_path = next((path / n for n in MANIFEST_NAMES if (path / n).is_file()), None)
+        if csv_path is None:
+            if not is_dataset_folder(path):
+                return None
+            return ["image", "mask", "label"], [
+                {"image": str(s.image.resolve()), "mask": "", "label": s.label or ""} for s in samples
+            ]
+        path = csv_path
+    if path.suffix.lower() != ".csv":
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if "mask" not in columns:
+        columns.insert(columns.index("image") + 1, "mask")
+    for row in rows:
+        row["image"] = str((path.parent / row["image"]).resolve())
+    return columns, rows
+
+
+def write_manifest(path: Path, columns: list[str], rows: list[dict[str, str]], masks: dict[str, str]) -> int:
+    """manifest.csv at `path`: `rows` with image paths relative to its folder and `mask` set from `masks`
+    (absolute image path -> mask path relative to the folder); rows without a mask (excluded, failed) are
+    left out. Returns the number of rows written."""
+    out_dir = path.parent.resolve()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    written = 0
+    for row in rows:
+        if row["image"] not in masks:
+            continue
+        writer.writerow({**row, "image": os.path.relpath(row["image"], out_dir), "mask": masks[row["image"]]})
+        written += 1
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    return written
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix with an earlier run's masks unless `overwrite`."""
+    if not overwrite and any((out / name).exists() for name in ("qc.csv", "manifest.csv", "masks")):
+        raise InputError(out, "already holds segment output (qc.csv, manifest.csv or masks/)", "pass --overwrite")
+
+
+@dataclass
+class SegmentSummary:
+    """What `segment_inputs` did: masks written, flagged by QC, failed inputs, the new manifest (if any)."""
+
+    written: int
+    flagged: int
+    failed: int
+    manifest: Path | None
+    manifest_rows: int
+
+
+def segment_inputs(
+    inputs: Sequence[str],
+    model: str | None,
+    out: Path,
+    qc: str = "exclude",
+    device: str = "auto",
+    batch_size: int = 8,
+    fail_fast: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> SegmentSummary:
+    """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv.
+
+    Flagged masks are written and reported; `qc="exclude"` leaves them out of the manifest, `"keep"` keeps
+    them, except empty masks, which `isnet train` cannot use and which are always left out. Unreadable
+    inputs are reported one line each and counted in `failed` (the caller turns that into exit 2);
+    with `fail_fast` the first one raises, after everything before it was written.
+    """
+    from isnet_cli.console import make_progress, say, say_error
+    from isnet_cli.device import resolve_device
+    from isnet_cli.io.inputs import expand_inputs
+    from isnet_cli.segment.model import load_segmenter
+
+    if qc not in QC_CHOICES:
+        raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
+    torch_device = resolve_device(device)
+    net, meta, path = load_segmenter(model, torch_device)
+    contract = InputContract.from_dict(meta["contract"])
+    say(f"segmenter {path} (MONAI U-Net, {contract.size} px input, torch {torch_device})")
+    samples = expand_inputs(list(inputs))
+    source = source_rows(inputs, samples)
+    check_out_dir(out, overwrite)
+    names = MaskNames(samples)
+    qc_file = QcFile(out / "qc.csv")
+    kept: dict[str, str] = {}
+    written = flagged = failed = 0
+    try:
+        with make_progress(progress and len(samples) > 1) as bar:
+            task = bar.add_task("segment", total=len(samples))
+            for item in predict_masks(net, contract, samples, torch_device, batch_size, fail_fast):
+                bar.advance(task)
+                if isinstance(item, Failure):
+                    failed += 1
+                    say_error(item.message)
+                    qc_file.write({"image": item.file, "ok": 0, "problems": item.message})
+                    continue
+                name = names(item.sample.image)
+                atomic_write_bytes(out / name, mask_png(item.mask))
+                written += 1
+                qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
+                if not item.qc.ok:
+                    flagged += 1
+                    say(f"qc: {item.sample.image}: {'; '.join(item.qc.problems)} (mask {name})")
+                if item.qc.ok or (qc == "keep" and not item.qc.empty):
+                    kept[str(item.sample.image.resolve())] = name
+    finally:
+        qc_file.close()
+    manifest, rows = None, 0
+    if source is not None:
+        manifest = out / "manifest.csv"
+        rows = write_manifest(manifest, *source, kept)
+    return SegmentSummary(written, flagged, failed, manifest, rows)

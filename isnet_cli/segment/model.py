@@ -1,0 +1,76 @@
+"""The segmenter: a MONAI 2-D U-Net (1 channel in, 2 classes out: background, lung), and its checkpoint.
+
+A segmenter checkpoint is an isnet checkpoint (safetensors + JSON metadata, `isnet_cli.infer.checkpoint`)
+with `task: segmentation`, `arch: monai-unet` and the U-Net's hyper-parameters under `unet`; loading
+rebuilds the network from that JSON and loads plain tensors, so it never executes code from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from isnet_cli.errors import InputError
+from isnet_cli.infer.checkpoint import read_meta, resolve_model
+from isnet_cli.io.contract import InputContract
+
+TASK = "segmentation"
+ARCH = "monai-unet"
+CLASSES = ["background", "lung"]
+
+
+def build_unet(unet: dict[str, Any]) -> nn.Module:
+    """MONAI UNet (spatial_dims 2, in 1, out 2) with the recorded `channels`, `strides`, `num_res_units`."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=len(CLASSES),
+        channels=tuple(unet["channels"]),
+        strides=tuple(unet["strides"]),
+        num_res_units=int(unet["num_res_units"]),
+    )
+
+
+def segmenter_meta(unet: dict[str, Any], contract: InputContract, row: dict[str, Any], data: dict[str, Any]) -> dict:
+    """The checkpoint metadata of a segmenter after the epoch of metrics `row`."""
+    return {
+        "task": TASK,
+        "arch": ARCH,
+        "num_classes": len(CLASSES),
+        "classes": CLASSES,
+        "in_channels": 1,
+        "unet": unet,
+        "contract": contract.to_dict(),
+        "metrics": row,
+        "data": data,
+        "epoch": row.get("epoch"),
+    }
+
+
+def load_segmenter(model: str | Path | None, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
+    """`--model` (checkpoint or run folder) -> (U-Net in eval mode on `device`, metadata, checkpoint path).
+
+    A classifier checkpoint or an ONNX file is refused with a one-line error.
+    """
+    from safetensors.torch import load_file
+
+    if model is None:
+        raise InputError(None, "no segmenter given", "pass --model RUN (a run folder of `isnet segment train`)")
+    path = resolve_model(model)
+    if path.suffix.lower() == ".onnx":
+        raise InputError(path, "ONNX segmenters are not supported yet", "pass the checkpoint or its run folder")
+    meta = read_meta(path)
+    if meta.get("task") != TASK:
+        raise InputError(
+            path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
+        )
+    net = build_unet(meta["unet"])
+    try:
+        net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
+    return net.to(device).eval(), meta, path

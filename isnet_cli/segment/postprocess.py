@@ -1,0 +1,91 @@
+"""Predicted lung masks: clean-up (two largest components, holes filled) and quality control.
+
+QC measures, per mask at the image's original geometry (H, W):
+- area fraction a = |mask| / (H W);
+- components n: 8-connected components after clean-up;
+- left/right balance b = min(L, R) / max(L, R), L and R the mask pixels in the left and right halves
+  of the image (columns < W/2 and >= W/2); 0 when one side is empty.
+A mask is flagged when it is empty, or a, n or b fall outside `QcLimits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+# 8-connectivity: two lung pixels touching at a corner are one lung.
+_EIGHT = np.ones((3, 3), bool)
+
+
+@dataclass(frozen=True)
+class QcLimits:
+    """The sane ranges of a chest radiograph's lung mask. Lungs typically cover 15-40% of a PA/AP film;
+    the bounds are wide so that only masks that are clearly wrong (a lung missing, the body segmented,
+    almost nothing found) are flagged."""
+
+    min_area: float = 0.05
+    max_area: float = 0.60
+    components: int = 2
+    min_balance: float = 0.33
+
+
+@dataclass
+class Qc:
+    """One mask's QC measures and, when flagged, why (`problems`, empty when the mask looks sane)."""
+
+    area_fraction: float
+    components: int
+    balance: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def empty(self) -> bool:
+        return self.components == 0
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["problems"] = "; ".join(self.problems)
+        d["ok"] = int(self.ok)
+        return d
+
+
+def keep_largest(mask: np.ndarray, n: int = 2) -> np.ndarray:
+    """The `n` largest 8-connected components of a bool mask (ties: the lower label)."""
+    labels, count = ndimage.label(mask, structure=_EIGHT)
+    if count <= n:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.argsort(-sizes, kind="stable")[:n] + 1
+    return np.isin(labels, keep)
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Keep the two largest components (the lungs), then fill their holes."""
+    return ndimage.binary_fill_holes(keep_largest(mask, 2))
+
+
+def quality(mask: np.ndarray, limits: QcLimits = QcLimits()) -> Qc:
+    """The QC measures of a bool (H, W) mask and the problems found against `limits`."""
+    h, w = mask.shape
+    area = float(mask.sum()) / float(h * w)
+    _, components = ndimage.label(mask, structure=_EIGHT)
+    left, right = float(mask[:, : w // 2].sum()), float(mask[:, w // 2 :].sum())
+    balance = min(left, right) / max(left, right) if max(left, right) > 0 else 0.0
+    problems = []
+    if components == 0:
+        problems.append("empty mask (no lung found)")
+    else:
+        if not limits.min_area <= area <= limits.max_area:
+            problems.append(f"lung area {area:.1%} outside [{limits.min_area:.0%}, {limits.max_area:.0%}]")
+        if components != limits.components:
+            problems.append(f"{components} component(s), expected {limits.components}")
+        if balance < limits.min_balance:
+            problems.append(f"left/right balance {balance:.2f} below {limits.min_balance:.2f} (a lung missing?)")
+    return Qc(round(area, 4), int(components), round(balance, 4), problems)
