@@ -27,7 +27,7 @@ from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
 
-QC_COLUMNS = ("image", "mask", "ok", "area_fraction", "components", "balance", "problems")
+QC_COLUMNS = ("image", "mask", "ok", "contrast", "area_fraction", "components", "balance", "problems")
 QC_CHOICES = ("exclude", "keep")
 
 
@@ -68,7 +68,7 @@ def predict_masks(
             lung = torch.softmax(net(x).float(), dim=1)[:, 1].cpu().numpy()
         for (sample, prepared), prob in zip(good, lung, strict=True):
             mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
-            yield Segmented(sample, mask, quality(mask, limits))
+            yield Segmented(sample, mask, quality(mask, prepared.image, limits))
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -229,11 +229,13 @@ def segment_inputs(
                 atomic_write_bytes(out / name, mask_png(item.mask))
                 written += 1
                 qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
+                use = item.qc.ok or (qc == "keep" and not item.qc.empty)
+                if use:
+                    kept[str(item.sample.image.resolve())] = name
                 if not item.qc.ok:
                     flagged += 1
-                    say(f"qc: {item.sample.image}: {'; '.join(item.qc.problems)} (mask {name})")
-                if item.qc.ok or (qc == "keep" and not item.qc.empty):
-                    kept[str(item.sample.image.resolve())] = name
+                    fate = "" if source is None else (", kept in the manifest" if use else ", left out of the manifest")
+                    say(f"qc: {item.sample.image}: {'; '.join(item.qc.problems)} (mask {name}{fate})")
     finally:
         qc_file.close()
     manifest, rows = None, 0

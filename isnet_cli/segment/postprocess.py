@@ -1,11 +1,12 @@
 """Predicted lung masks: clean-up (two largest components, holes filled) and quality control.
 
-QC measures, per mask at the image's original geometry (H, W):
+QC measures, per mask at the image's original geometry (H, W), and its decoded image v in [0, 1]:
+- contrast c = std(v): a blank frame (c near 0) gives the segmenter nothing to find, whatever it outputs;
 - area fraction a = |mask| / (H W);
 - components n: 8-connected components after clean-up;
 - left/right balance b = min(L, R) / max(L, R), L and R the mask pixels in the left and right halves
   of the image (columns < W/2 and >= W/2); 0 when one side is empty.
-A mask is flagged when it is empty, or a, n or b fall outside `QcLimits`.
+A mask is flagged when it is empty, or c, a, n or b fall outside `QcLimits`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class QcLimits:
     the bounds are wide so that only masks that are clearly wrong (a lung missing, the body segmented,
     almost nothing found) are flagged."""
 
+    min_contrast: float = 0.02
     min_area: float = 0.05
     max_area: float = 0.60
     components: int = 2
@@ -36,6 +38,7 @@ class QcLimits:
 class Qc:
     """One mask's QC measures and, when flagged, why (`problems`, empty when the mask looks sane)."""
 
+    contrast: float
     area_fraction: float
     components: int
     balance: float
@@ -71,14 +74,17 @@ def clean_mask(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(keep_largest(mask, 2))
 
 
-def quality(mask: np.ndarray, limits: QcLimits = QcLimits()) -> Qc:
-    """The QC measures of a bool (H, W) mask and the problems found against `limits`."""
+def quality(mask: np.ndarray, image: np.ndarray, limits: QcLimits = QcLimits()) -> Qc:
+    """The QC measures of a bool (H, W) mask of the (H, W) `image` in [0, 1], and the problems against `limits`."""
     h, w = mask.shape
+    contrast = float(np.std(image))
     area = float(mask.sum()) / float(h * w)
     _, components = ndimage.label(mask, structure=_EIGHT)
     left, right = float(mask[:, : w // 2].sum()), float(mask[:, w // 2 :].sum())
     balance = min(left, right) / max(left, right) if max(left, right) > 0 else 0.0
     problems = []
+    if contrast < limits.min_contrast:
+        problems.append(f"blank image (grey-level std {contrast:.3f} < {limits.min_contrast})")
     if components == 0:
         problems.append("empty mask (no lung found)")
     else:
@@ -88,4 +94,4 @@ def quality(mask: np.ndarray, limits: QcLimits = QcLimits()) -> Qc:
             problems.append(f"{components} component(s), expected {limits.components}")
         if balance < limits.min_balance:
             problems.append(f"left/right balance {balance:.2f} below {limits.min_balance:.2f} (a lung missing?)")
-    return Qc(round(area, 4), int(components), round(balance, 4), problems)
+    return Qc(round(contrast, 4), round(area, 4), int(components), round(balance, 4), problems)
