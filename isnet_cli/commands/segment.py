@@ -30,6 +30,8 @@ class _DefaultToMasks(click.Group):
 def command() -> None:
     """Lung masks: segment radiographs with a trained segmenter, or train one (MONAI U-Net).
 
+    `isnet segment INPUT...` is short for `isnet segment masks INPUT...`.
+
     \b
     Example:
       isnet segment train data/phantoms/manifest.csv --img-size 64 --epochs 20 --name lungs
