@@ -114,6 +114,20 @@ def iter_prepared(
             yield [(s, f.result()) for s, f in zip(chunk, current, strict=True)]
 
 
+def usable(batch: list[tuple[Any, Any]], fail_fast: bool) -> tuple[list[tuple[Any, Any]], list[Failure]]:
+    """Split a batch of `iter_prepared` into the decoded `(sample, Prepared)` pairs and the failures;
+    with `fail_fast` the first failure is raised instead."""
+    good, failed = [], []
+    for sample, prepared in batch:
+        if isinstance(prepared, Exception):
+            if fail_fast:
+                raise prepared
+            failed.append(Failure(str(sample.image), str(prepared)))
+        else:
+            good.append((sample, prepared))
+    return good, failed
+
+
 def predict_samples(
     backend: Backend,
     samples: list[Any],
@@ -126,14 +140,8 @@ def predict_samples(
     """Predictions and failures, in input order. `on_batch(n)` is called after every batch (progress)."""
     check_threshold(threshold, backend.classes)
     for batch in iter_prepared(samples, backend.contract, batch_size, workers=workers):
-        good = []
-        for sample, prepared in batch:
-            if isinstance(prepared, Exception):
-                if fail_fast:
-                    raise prepared
-                yield Failure(str(sample.image), str(prepared))
-            else:
-                good.append((sample, prepared))
+        good, failed = usable(batch, fail_fast)
+        yield from failed
         if good:
             x = np.stack([p.x for _, p in good])
             probs = softmax(np.asarray(backend.logits(x), dtype=np.float64))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.predict import Failure, iter_prepared
+from isnet_cli.infer.predict import Failure, iter_prepared, usable
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.contract import InputContract
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
@@ -53,14 +53,8 @@ def predict_masks(
     import torch
 
     for batch in iter_prepared(samples, contract, batch_size):
-        good = []
-        for sample, prepared in batch:
-            if isinstance(prepared, Exception):
-                if fail_fast:
-                    raise prepared
-                yield Failure(str(sample.image), str(prepared))
-            else:
-                good.append((sample, prepared))
+        good, failed = usable(batch, fail_fast)
+        yield from failed
         if not good:
             continue
         x = torch.from_numpy(np.stack([p.x[:1] for _, p in good])).to(device)
