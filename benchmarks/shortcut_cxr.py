@@ -165,7 +165,7 @@ def main() -> None:
     }
     print(
         f"sources: {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test images "
-        f"({args.draws} draws of both classes each), {args.size} px, opacity contrast {args.contrast}",
+        f"({args.draws} of each class per source), {args.size} px, opacity contrast {args.contrast}",
         flush=True,
     )
     overrides: dict[str, Any] = dict(parse_overrides(args.set))
