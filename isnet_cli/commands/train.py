@@ -69,6 +69,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_option("--val-fraction", type=float, help="Validation share when --val is not given.")
 @click.option("--ood", help="Extra test set (no masks needed) scored every epoch: CE and accuracy.")
 @click.option("--classes", help="Comma-separated class list and order (default: sorted labels of DATA).")
+@click.option(
+    "--mask-segment",
+    help="Where masks are DICOM SEG files: the label of the segment to use (default: the lung-coded segments).",
+)
 @_option("--arch", help=f"Architecture: {_ARCHS}.")
 @_option(
     "--pretrained/--no-pretrained",

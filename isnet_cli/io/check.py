@@ -107,7 +107,7 @@ def _check_sample(sample: Any, window: str, size: int | None, tally: _Tally) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mask = load_mask(sample.mask, decoded.image.shape, required=True)
+            mask = load_mask(sample.mask, decoded.image.shape, required=True, image=sample.image)
     except InputError as exc:
         tally.problem(sample.mask, exc.problem)
         return

@@ -63,6 +63,7 @@ class XrayDataset(Dataset):
     Decoded + resized arrays are cached in `cache_dir` (see `isnet_cli.io.cache`), so epochs after the
     first decode nothing; `decode_count` counts decodes done by this process. Without a mask (and
     `require_masks=False`) the mask is all ones (no known background). Unlabelled samples get label -1.
+    `mask_segment`: the label of the segment to use where a mask is a DICOM SEG (default: its lung segments).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class XrayDataset(Dataset):
         cache_dir: str | Path | None = None,
         augment: bool = False,
         require_masks: bool = True,
+        mask_segment: str | None = None,
     ) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
@@ -80,6 +82,7 @@ class XrayDataset(Dataset):
         self.cache = None if cache_dir is None else ArrayCache(cache_dir)
         self.augment = augment
         self.require_masks = require_masks
+        self.mask_segment = mask_segment
         self.decode_count = 0
         self._index = {c: i for i, c in enumerate(self.classes)}
         unknown = {s.label for s in self.samples if s.label is not None and s.label not in self._index}
@@ -92,7 +95,10 @@ class XrayDataset(Dataset):
     def cache_settings(self) -> dict[str, Any]:
         """What the cached arrays depend on (channels and value range are applied after the cache)."""
         c = self.contract
-        return {"v": 1, "size": c.size, "resize": c.resize, "window": c.window, "percentiles": list(c.percentiles)}
+        settings = {"v": 1, "size": c.size, "resize": c.resize, "window": c.window, "percentiles": list(c.percentiles)}
+        if self.mask_segment is not None:  # another SEG segment is another mask (keys without it are unchanged)
+            settings["mask_segment"] = self.mask_segment
+        return settings
 
     def load_arrays(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
         """(S, S) float32 image in [0, 1] and (S, S) bool mask (or None), from the cache or decoded."""
@@ -108,7 +114,9 @@ class XrayDataset(Dataset):
         decoded = load_image(sample.image, window=c.window, percentiles=c.percentiles)
         mask = None
         if sample.mask is not None:
-            mask = load_mask(sample.mask, decoded.image.shape, required=self.require_masks)
+            mask = load_mask(
+                sample.mask, decoded.image.shape, self.require_masks, image=sample.image, segment=self.mask_segment
+            )
         self.decode_count += 1
         image, rmask, _ = resize_pair(decoded.image, mask, c.size, c.resize)
         if key is not None and self.cache is not None:

@@ -95,11 +95,20 @@ def preprocess_array(
 
 
 def preprocess_file(
-    path: str | Path, contract: InputContract, mask_path: str | Path | None = None, mask_required: bool = False
+    path: str | Path,
+    contract: InputContract,
+    mask_path: str | Path | None = None,
+    mask_required: bool = False,
+    mask_segment: str | None = None,
 ) -> Prepared:
-    """File (+ mask file) -> Prepared, following `contract` (window policy, size, resize mode, range)."""
+    """File (+ mask file) -> Prepared, following `contract` (window policy, size, resize mode, range).
+
+    `mask_segment`: the segment label to use when the mask is a DICOM SEG (default: its lung segments).
+    """
     decoded = load_image(path, window=contract.window, percentiles=contract.percentiles)
-    mask = None if mask_path is None else load_mask(mask_path, decoded.image.shape, required=mask_required)
+    mask = None
+    if mask_path is not None:
+        mask = load_mask(mask_path, decoded.image.shape, mask_required, image=path, segment=mask_segment)
     x, m, geo = preprocess_array(decoded.image, mask, contract)
     return Prepared(x=x, mask=m, record={**decoded.record, **geo}, image=decoded.image)
 

@@ -34,6 +34,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     ood: str | None = None
     classes: list[str] | None = None
+    mask_segment: str | None = None  # the segment label where masks are DICOM SEGs (None: the lung-coded ones)
     arch: str = "densenet121"
     pretrained: bool = False
     img_size: int = 224

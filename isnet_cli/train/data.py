@@ -166,7 +166,7 @@ class TrainSets:
 
 def make_sets(cfg: TrainConfig, data: DataBundle, contract: InputContract, rank: int, world: int) -> TrainSets:
     """Datasets over the bundle's samples (decoded arrays cached in --cache, default OUT/.cache)."""
-    kw = {"cache_dir": Path(cfg.cache) if cfg.cache else Path(cfg.out) / ".cache"}
+    kw = {"cache_dir": Path(cfg.cache) if cfg.cache else Path(cfg.out) / ".cache", "mask_segment": cfg.mask_segment}
     train = XrayDataset(data.train, data.classes, contract, augment=cfg.augment, require_masks=cfg.needs_masks, **kw)
     val = XrayDataset(data.val, data.classes, contract, require_masks=cfg.needs_masks, **kw)
     ood = XrayDataset(data.ood, data.classes, contract, require_masks=False, **kw) if data.ood else None
