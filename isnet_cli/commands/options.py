@@ -67,6 +67,12 @@ def fail_fast_option(what: str = "input") -> Callable[[F], F]:
     return click.option("--fail-fast", is_flag=True, help=f"Stop at the first unreadable {what}.")
 
 
+anonymize_option = click.option(
+    "--anonymize",
+    is_flag=True,
+    help="DICOM output: replace the patient name/ID and study identifiers copied from the source "
+    "(Study and source SOP Instance UIDs are kept so the object stays in its study).",
+)
 no_progress_option = click.option(
     "--no-progress", is_flag=True, help="No progress bar (also off when stderr is not a terminal)."
 )

@@ -12,7 +12,7 @@ from isnet_cli.commands import options as opt
 from isnet_cli.errors import InputError
 from isnet_cli.io.contract import RESIZE_MODES
 from isnet_cli.segment.config import SegmentConfig
-from isnet_cli.segment.infer import QC_CHOICES
+from isnet_cli.segment.infer import MASK_FORMATS, QC_CHOICES
 
 _DEFAULTS = SegmentConfig()
 
@@ -108,6 +108,15 @@ def train(data: str, channels: str, **options: Any) -> None:
     help="Masks flagged by quality control: left out of the new manifest, or kept (empty masks are always left out).",
 )
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(MASK_FORMATS),
+    default=MASK_FORMATS[0],
+    show_default=True,
+    help="Mask files: PNG, or DICOM SEG referencing each DICOM input (same Study, one new Series per run).",
+)
+@opt.anonymize_option
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
 @opt.device_option
 @opt.fail_fast_option()
@@ -118,6 +127,8 @@ def masks(
     out: str,
     qc: str,
     overwrite: bool,
+    fmt: str,
+    anonymize: bool,
     batch_size: int,
     device: str,
     fail_fast: bool,
@@ -125,20 +136,31 @@ def masks(
 ) -> None:
     """Segment the lungs of every INPUT (files, folders, manifest CSVs, '-' = paths on stdin).
 
-    Writes OUT/masks/*.png at each input's original size, OUT/qc.csv (lung area, components, left/right
-    balance per mask; flagged ones with ok = 0) and, when INPUT is a manifest or images/<class>/ folder,
-    OUT/manifest.csv with the mask column filled, ready for `isnet train`. Unreadable inputs are reported
-    and skipped; the exit code is then 2.
+    Writes OUT/masks/*.png (with --format seg: DICOM SEG *.dcm) at each input's original size, OUT/qc.csv
+    (lung area, components, left/right balance per mask; flagged ones with ok = 0) and, when INPUT is a
+    manifest or images/<class>/ folder, OUT/manifest.csv with the mask column filled, ready for
+    `isnet train`. Unreadable inputs are reported and skipped; the exit code is then 2.
 
     \b
     Example:
       isnet segment scans/manifest.csv --model runs/lungs --out scans-masked
+      isnet segment scans/ --model runs/lungs --out scans-seg --format seg
     """
     from isnet_cli.console import progress_enabled, say
     from isnet_cli.segment.infer import segment_inputs
 
     result = segment_inputs(
-        inputs, model, Path(out), qc, device, batch_size, fail_fast, overwrite, progress_enabled(no_progress)
+        inputs,
+        model,
+        Path(out),
+        qc,
+        device,
+        batch_size,
+        fail_fast,
+        overwrite,
+        progress_enabled(no_progress),
+        fmt=fmt,
+        anonymize=anonymize,
     )
     line = f"{result.written} masks written to {Path(out) / 'masks'}, {result.flagged} flagged by QC (qc.csv)"
     if result.manifest is not None:

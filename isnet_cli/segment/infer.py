@@ -4,7 +4,9 @@ Inputs are decoded and preprocessed by the contract recorded in the segmenter (`
 path as `isnet predict`); the lung probability is taken back to the original (H, W) by undoing the
 letterbox or stretch (`unletterbox`), thresholded at 0.5, cleaned (`clean_mask`) and checked (`quality`).
 Each mask PNG is written atomically as soon as it is computed and each qc.csv row is flushed, so a run
-stopped by a bad input (`--fail-fast`) or killed keeps everything written before.
+stopped by a bad input (`--fail-fast`) or killed keeps everything written before. With `fmt="seg"` each
+mask is a binary DICOM SEG referencing its DICOM input instead (`isnet_cli.io.dicom_out`; one Series
+per run), which PACS viewers show over the image and `isnet train` reads back.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ from typing import Any
 
 import numpy as np
 
+from isnet_cli import __version__
 from isnet_cli.errors import InputError
+from isnet_cli.infer.onnx_runtime import model_id
 from isnet_cli.infer.predict import Failure, iter_prepared, usable
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.contract import InputContract
+from isnet_cli.io.dicom_out import new_uid, require_dicom, write_seg
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
 
 QC_COLUMNS = ("image", "mask", "ok", "contrast", "area_fraction", "components", "balance", "problems")
 QC_CHOICES = ("exclude", "keep")
+MASK_FORMATS = ("png", "seg")
+SEGMENTER_NAME = "isnet lung segmenter"
 
 
 @dataclass
@@ -75,19 +82,20 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 
 class MaskNames:
-    """Where each input's mask goes: masks/<path relative to the inputs' common folder>.png, unique."""
+    """Where each input's mask goes: masks/<path relative to the inputs' common folder>.png (or `suffix`), unique."""
 
-    def __init__(self, samples: Sequence[Sample]) -> None:
+    def __init__(self, samples: Sequence[Sample], suffix: str = ".png") -> None:
         parents = [str(s.image.resolve().parent) for s in samples]
         self.root = Path(os.path.commonpath(parents)) if parents else Path()
+        self.suffix = suffix
         self.used: set[str] = set()
 
     def __call__(self, image: Path) -> str:
         rel = image.resolve().relative_to(self.root).with_suffix("")
-        name, n = f"masks/{rel.as_posix()}.png", 1
+        name, n = f"masks/{rel.as_posix()}{self.suffix}", 1
         while name in self.used:  # a.png and a.dcm in one folder
             n += 1
-            name = f"masks/{rel.as_posix()}_{n}.png"
+            name = f"masks/{rel.as_posix()}_{n}{self.suffix}"
         self.used.add(name)
         return name
 
@@ -183,13 +191,16 @@ def segment_inputs(
     fail_fast: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    fmt: str = "png",
+    anonymize: bool = False,
 ) -> SegmentSummary:
     """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv.
 
     Flagged masks are written and reported; `qc="exclude"` leaves them out of the manifest, `"keep"` keeps
     them, except empty masks, which `isnet train` cannot use and which are always left out. Unreadable
     inputs are reported one line each and counted in `failed` (the caller turns that into exit 2);
-    with `fail_fast` the first one raises, after everything before it was written.
+    with `fail_fast` the first one raises, after everything before it was written. `fmt`: `png` masks, or
+    `seg` (DICOM inputs only; `anonymize` replaces the patient and study identifiers they copy).
     """
     from isnet_cli.console import make_progress, say, say_error
     from isnet_cli.device import resolve_device
@@ -198,14 +209,19 @@ def segment_inputs(
 
     if qc not in QC_CHOICES:
         raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
+    if fmt not in MASK_FORMATS:
+        raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(MASK_FORMATS)}")
+    samples = expand_inputs(list(inputs))
+    if fmt == "seg":
+        require_dicom([s.image for s in samples], "--format seg")  # a SEG references its image by UID
     torch_device = resolve_device(device)
     net, meta, path = load_segmenter(model, torch_device)
     contract = InputContract.from_dict(meta["contract"])
     say(f"segmenter {path} (MONAI U-Net, {contract.size} px input, torch {torch_device})")
-    samples = expand_inputs(list(inputs))
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
-    names = MaskNames(samples)
+    names = MaskNames(samples, ".dcm" if fmt == "seg" else ".png")
+    series_uid, segmenter_id = new_uid(), model_id(path)  # one SEG Series per run
     qc_file = QcFile(out / "qc.csv")
     kept: dict[str, str] = {}
     written = flagged = failed = 0
@@ -220,7 +236,19 @@ def segment_inputs(
                     qc_file.write({"image": item.file, "ok": 0, "problems": item.message})
                     continue
                 name = names(item.sample.image)
-                atomic_write_bytes(out / name, mask_png(item.mask))
+                if fmt == "seg":
+                    write_seg(
+                        out / name,
+                        item.sample.image,
+                        item.mask,
+                        SEGMENTER_NAME,
+                        segmenter_id,
+                        __version__,
+                        anonymize,
+                        series_uid,
+                    )
+                else:
+                    atomic_write_bytes(out / name, mask_png(item.mask))
                 written += 1
                 qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
                 use = item.qc.ok or (qc == "keep" and not item.qc.empty)
