@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from isnet_cli.commands.options import device_option, fail_fast_option, model_option, no_progress_option
+from isnet_cli.commands.options import (
+    anonymize_option,
+    device_option,
+    fail_fast_option,
+    model_option,
+    no_progress_option,
+)
 from isnet_cli.lrp.names import RULES
+from isnet_cli.report.explain import OUT_FORMATS
 
 
 @click.command("explain")
@@ -25,14 +32,31 @@ from isnet_cli.lrp.names import RULES
     show_default=True,
     help="What to explain: 'predicted', a class name or a class index.",
 )
-@click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Lung mask of a single INPUT.")
+@click.option(
+    "--mask", type=click.Path(dir_okay=False), default=None, help="Lung mask of a single INPUT (image or DICOM SEG)."
+)
+@click.option(
+    "--mask-segment",
+    default=None,
+    help="Where a mask is a DICOM SEG: the label of the segment to use (default: the lung-coded segments).",
+)
 @click.option(
     "--out",
     "-o",
     type=click.Path(),
     required=True,
-    help="PNG file for one input; a folder (one PNG per input + summary.csv) for several.",
+    help="PNG (or .dcm) file for one input; a folder (one file per input + summary.csv) for several.",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUT_FORMATS),
+    default=OUT_FORMATS[0],
+    show_default=True,
+    help="png: a figure; dcm: the same figure as a DICOM Secondary Capture in the input's study "
+    "(DICOM inputs only; one new Series per run).",
+)
+@anonymize_option
 @click.option(
     "--raw",
     type=click.Path(),
@@ -58,7 +82,10 @@ def command(
     weights: str | None,
     target: str,
     mask: str | None,
+    mask_segment: str | None,
     out: str,
+    fmt: str,
+    anonymize: bool,
     raw: str | None,
     side_by_side: bool,
     rule: str,
@@ -76,9 +103,11 @@ def command(
     \b
     Example:
       isnet explain scan.dcm --mask lungs.png --out heatmap.png --raw heatmap.npy
+      isnet explain scan.dcm --mask lungs-seg.dcm --format dcm --out heatmap.dcm
     """
     from isnet_cli.console import make_progress, progress_enabled, say, say_error
     from isnet_cli.errors import InputError
+    from isnet_cli.io.dicom_out import require_dicom
     from isnet_cli.io.inputs import expand_inputs
     from isnet_cli.report.explain import explain_many, load_explainer, write_summary
 
@@ -86,7 +115,9 @@ def command(
     single = _is_single(inputs, samples)
     if mask is not None and not single:
         raise click.UsageError("--mask goes with a single INPUT; use a manifest with a mask column for several")
-    out_path, raw_path = _outputs(single, out, raw)
+    if fmt == "dcm":
+        require_dicom([s.image for s in samples], "--format dcm")  # a Secondary Capture references its source
+    out_path, raw_path = _outputs(single, out, raw, fmt)
     explainer = load_explainer(model, arch=arch, weights=weights, rule=rule, device=device)
     explainer.resolve_target(target)  # a bad --target fails before any work
     done = []
@@ -105,6 +136,9 @@ def command(
             side_by_side=side_by_side,
             fail_fast=fail_fast,
             on_item=lambda: progress.advance(task),
+            fmt=fmt,
+            anonymize=anonymize,
+            mask_segment=mask_segment,
         ):
             if isinstance(item, tuple):
                 failures += 1
@@ -128,18 +162,19 @@ def _is_single(inputs: tuple[str, ...], samples: list[Any]) -> bool:
     return single and not first.lower().endswith(".csv")
 
 
-def _outputs(single: bool, out: str, raw: str | None) -> tuple[Path, Path | None]:
-    """--out and --raw checked: files for a single input, folders (created) for several."""
+def _outputs(single: bool, out: str, raw: str | None, fmt: str = "png") -> tuple[Path, Path | None]:
+    """--out and --raw checked: files for a single input (named .`fmt`), folders (created) for several."""
     out_path = Path(out)
     raw_path = None if raw is None else Path(raw)
+    kind = {"png": "PNG", "dcm": "DICOM file"}[fmt]
     if single:
-        if out_path.suffix.lower() != ".png":
-            raise click.UsageError(f"--out {out}: one input gives one PNG; name a .png file")
+        if out_path.suffix.lower() != f".{fmt}":
+            raise click.UsageError(f"--out {out}: one input gives one {kind}; name a .{fmt} file")
         if raw_path is not None and not raw_path.name.lower().endswith((".npy", ".nii.gz", ".nii")):
             raise click.UsageError(f"--raw {raw}: use a .npy or .nii.gz file")
         return out_path, raw_path
-    if out_path.suffix.lower() == ".png":
-        raise click.UsageError(f"--out {out}: several inputs need a folder, not a .png file")
+    if out_path.suffix.lower() in (".png", ".dcm"):
+        raise click.UsageError(f"--out {out}: several inputs need a folder, not a {out_path.suffix} file")
     out_path.mkdir(parents=True, exist_ok=True)
     if raw_path is not None:
         raw_path.mkdir(parents=True, exist_ok=True)

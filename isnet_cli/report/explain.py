@@ -26,6 +26,9 @@ from isnet_cli.lrp.names import RULES
 from isnet_cli.report.metrics import mask_shares
 
 RAW_SUFFIXES = (".npy", ".nii.gz", ".nii")
+# Overlay outputs: a PNG figure, or the same figure as a DICOM Secondary Capture in the source's study.
+OUT_FORMATS = ("png", "dcm")
+DICOM_CAPTION = "LRP heatmap, not for diagnosis"
 SUMMARY_COLUMNS = (
     "file",
     "png",
@@ -204,12 +207,19 @@ def _from_state_dict(arch: str, weights: str) -> Checkpoint:
 
 
 def explain_file(
-    explainer: Explainer, image: str | Path, target: str | int, mask: str | Path | None = None
+    explainer: Explainer,
+    image: str | Path,
+    target: str | int,
+    mask: str | Path | None = None,
+    mask_segment: str | None = None,
 ) -> Explanation:
-    """Explain one file: preprocess with the model's contract, LRP, back to the original geometry."""
+    """Explain one file: preprocess with the model's contract, LRP, back to the original geometry.
+    `mask_segment`: the segment label to use when the mask is a DICOM SEG (default: its lung segments)."""
     from isnet_cli.io.preprocess import preprocess_file, unletterbox
 
-    prepared = preprocess_file(image, explainer.contract, mask_path=mask, mask_required=mask is not None)
+    prepared = preprocess_file(
+        image, explainer.contract, mask_path=mask, mask_required=mask is not None, mask_segment=mask_segment
+    )
     probs, relevance = explainer.explain_array(prepared.x, target)
     index = int(probs.argmax()) if target == "predicted" else int(target)
     grid = relevance.sum(axis=0)
@@ -246,6 +256,23 @@ def title_of(exp: Explanation) -> str:
     return text
 
 
+def caption_of(exp: Explanation) -> str:
+    """The caption burned into a DICOM overlay: what it is and is not, and what was explained. Unlike
+    `title_of` it does not name the file, which may carry the patient's name."""
+    text = f"{DICOM_CAPTION}: '{exp.target}' (p = {exp.probability:.3f})"
+    if exp.predicted != exp.target:
+        text += f", predicted '{exp.predicted}'"
+    return text
+
+
+def figure_rgb(png: bytes) -> np.ndarray:
+    """The rendered figure (PNG bytes) as uint8 (H, W, 3) RGB, the pixels of a Secondary Capture."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def unique_stems(files: list[str]) -> list[str]:
     """Output names per input: the file stem, with a numeric suffix where two inputs share a stem."""
     seen: dict[str, int] = {}
@@ -274,19 +301,41 @@ def explain_many(
     side_by_side: bool = False,
     fail_fast: bool = False,
     on_item: Any = None,
+    fmt: str = "png",
+    anonymize: bool = False,
+    mask_segment: str | None = None,
 ) -> Iterator[Explanation | tuple[str, str]]:
-    """Explain `samples` in order, writing one PNG (and raw map) per input; yields Explanations or
-    (file, message) failures. One input: `single_out`/`single_raw` are the file paths."""
+    """Explain `samples` in order, writing one figure (and raw map) per input; yields Explanations or
+    (file, message) failures. One input: `single_out`/`single_raw` are the file paths.
+
+    `fmt="dcm"`: each figure, captioned `DICOM_CAPTION`, becomes a Secondary Capture in its DICOM input's
+    study; all of this call's go into one new Series (`anonymize`: see `isnet_cli.io.dicom_out`).
+    """
+    from isnet_cli.io.dicom_out import new_uid, write_secondary_capture
     from isnet_cli.report.render import render_heatmap
 
+    if fmt not in OUT_FORMATS:
+        raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(OUT_FORMATS)}")
     resolved = explainer.resolve_target(target)
     names = unique_stems([str(s.image) for s in samples])
-    for sample, name in zip(samples, names, strict=True):
+    series_uid = new_uid()
+    for number, (sample, name) in enumerate(zip(samples, names, strict=True), start=1):
         try:
-            exp = explain_file(explainer, sample.image, resolved, mask=mask or getattr(sample, "mask", None))
-            png = single_out if single_out is not None else out_dir / f"{name}.png"
-            render_heatmap(exp.image, exp.relevance, png, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side)
-            exp.png = str(png)
+            mask_path = mask or getattr(sample, "mask", None)
+            exp = explain_file(explainer, sample.image, resolved, mask=mask_path, mask_segment=mask_segment)
+            figure = single_out if single_out is not None else out_dir / f"{name}.{fmt}"
+            if fmt == "dcm":
+                png = render_heatmap(
+                    exp.image, exp.relevance, mask=exp.mask, title=caption_of(exp), side_by_side=side_by_side
+                )
+                write_secondary_capture(
+                    figure, sample.image, figure_rgb(png), _derivation(exp), anonymize, series_uid, number
+                )
+            else:
+                render_heatmap(
+                    exp.image, exp.relevance, figure, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side
+                )
+            exp.png = str(figure)
             raw = single_raw if single_raw is not None else (raw_dir / f"{name}.npy" if raw_dir else None)
             if raw is not None:
                 exp.raw = str(write_raw(raw, exp.relevance))
@@ -306,6 +355,14 @@ def explain_many(
             yield (str(sample.image), f"{sample.image}: cannot explain ({type(exc).__name__}: {exc})")
         if on_item is not None:
             on_item()
+
+
+def _derivation(exp: Explanation) -> str:
+    """Derivation Description of a DICOM overlay: how the pixels were made from the source."""
+    return (
+        f"LRP relevance for class '{exp.target}' (p = {exp.probability:.3f}) overlaid on the source image "
+        "(red positive, blue negative, clipped at the 99th percentile of |R|); not for diagnosis"
+    )
 
 
 def write_summary(path: Path, explanations: list[Explanation]) -> Path:
