@@ -30,6 +30,13 @@ from isnet_cli.commands import options as opt
 @opt.device_option
 @opt.threshold_option("its probability")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Decoding threads (0 = up to 4).")
+@click.option(
+    "--sr",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the prediction of a single DICOM INPUT as a DICOM Structured Report (Comprehensive SR) here.",
+)
+@opt.anonymize_option
 @opt.fail_fast_option()
 @opt.no_progress_option
 def command(
@@ -43,6 +50,8 @@ def command(
     device: str,
     threshold: float | None,
     workers: int,
+    sr: str | None,
+    anonymize: bool,
     fail_fast: bool,
     no_progress: bool,
 ) -> None:
@@ -54,6 +63,7 @@ def command(
     \b
     Example:
       isnet predict scans/ --model model.onnx --out results.csv --resume
+      isnet predict scan.dcm --model runs/demo --sr scan-prediction.dcm
     """
     from isnet_cli.console import progress_enabled, say
     from isnet_cli.errors import InputError
@@ -63,10 +73,14 @@ def command(
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out FILE")
+    if sr is not None and resume:
+        raise click.UsageError("--sr reports a prediction made in this run; leave out --resume")
+    samples = expand_inputs(list(inputs))
+    if sr is not None:
+        _check_sr_input(samples)
     backend = load_backend(model, device=device)
     check_threshold(threshold, backend.classes)
     say(f"model {backend.model_id}: {backend.description}")
-    samples = expand_inputs(list(inputs))
     results = ResultsFile(Path(out), backend.classes, resume=resume, overwrite=overwrite) if out else None
     todo = pending(samples, results)
     if results is not None and len(todo) < len(samples):
@@ -74,10 +88,12 @@ def command(
     try:
         show = progress_enabled(no_progress) and len(todo) > 1
         run = (batch_size, threshold, fail_fast, workers)
-        table_rows, failures = _predict_all(backend, todo, results, as_json, run, show)
+        table_rows, failures, predictions = _predict_all(backend, todo, results, as_json, run, show, sr is not None)
     finally:
         if results is not None:
             results.close()
+    if sr is not None and predictions:
+        _write_sr(Path(sr), predictions[0], backend.model_id, anonymize)
     if table_rows:
         _print_table(table_rows, backend.classes)
     done = len(todo) - failures
@@ -86,16 +102,45 @@ def command(
         raise InputError(None, f"{failures} of {len(todo)} inputs could not be used (listed above)")
 
 
+def _check_sr_input(samples: list[Any]) -> None:
+    """--sr: one report for one DICOM image (it references the image by its UIDs); checked before any work."""
+    from isnet_cli.errors import InputError
+    from isnet_cli.io.dicom_out import require_dicom
+
+    if len(samples) != 1:
+        raise InputError(None, f"--sr reports on one image; {len(samples)} inputs given", "run predict per image")
+    require_dicom([samples[0].image], "--sr")
+
+
+def _write_sr(path: Path, prediction: Any, model_id: str, anonymize: bool) -> None:
+    from isnet_cli import __version__
+    from isnet_cli.console import say
+    from isnet_cli.io.dicom_out import write_prediction_sr
+
+    write_prediction_sr(
+        path,
+        prediction.file,
+        prediction.predicted,
+        prediction.probabilities,
+        "isnet classifier",
+        model_id,
+        __version__,
+        anonymize,
+    )
+    say(f"structured report: {path}")
+
+
 def _predict_all(
-    backend: Any, todo: list[Any], results: Any, as_json: bool, run: tuple[Any, ...], show: bool
-) -> tuple[list[Any], int]:
+    backend: Any, todo: list[Any], results: Any, as_json: bool, run: tuple[Any, ...], show: bool, keep: bool
+) -> tuple[list[Any], int, list[Any]]:
     """Predict `todo` (`run`: batch size, threshold, fail-fast, workers): JSON lines, the results file
-    (flushed per batch) or rows for the table; failures reported as they come. Returns (rows, failures)."""
+    (flushed per batch) or rows for the table; failures reported as they come.
+    Returns (rows for the table, failures, the predictions when `keep`)."""
     from isnet_cli.console import make_progress, say_error
     from isnet_cli.infer.predict import Failure, predict_samples
 
     batch_size, threshold, fail_fast, workers = run
-    table_rows, failures = [], 0
+    table_rows, failures, predictions = [], 0, []
     with make_progress(show) as progress:
         task = progress.add_task("predict", total=len(todo))
 
@@ -109,13 +154,15 @@ def _predict_all(
                 failures += 1
                 say_error(item.message)
                 continue
+            if keep:
+                predictions.append(item)
             if as_json:
                 click.echo(json.dumps(item.to_json(backend.model_id)))
             if results is not None:
                 results.write(item, backend.model_id)
             if not as_json and results is None:
                 table_rows.append(item)
-    return table_rows, failures
+    return table_rows, failures, predictions
 
 
 def _print_table(rows: list, classes: list[str]) -> None:
