@@ -317,3 +317,21 @@ def test_predict_structured_report(dicoms, tiny, phantoms, tmp_path):
     png = phantoms.parent / rows_of(phantoms)[0]["image"]
     code, _, stderr = isnet("predict", png, "--model", tiny.checkpoint, "--sr", tmp_path / "x.dcm")
     one_line_error(code, stderr, str(png), "--sr needs DICOM inputs")
+
+
+def test_real_radiographs_seg_round_trip(shared_data, tmp_path):
+    """Real CR files (JPEG, JPEG 2000, no file meta): our SEG and another tool's SEG (highdicom, with the
+    source's Pixel Spacing, which highdicom writes without Slice Thickness) both read back exactly."""
+    from isnet_cli.io.dicom_out import write_seg
+
+    for name in ("cr_chest_pa_mono2_jpeg_baseline_rsna.dcm", "cr_chest_pa_mono1_j2k_lossy_RG1_J2KI.dcm"):
+        source = shared_data / "dicom" / name
+        src = pydicom.dcmread(source, stop_before_pixels=True)
+        shape = (int(src.Rows), int(src.Columns))
+        mask = np.zeros(shape, bool)
+        mask[shape[0] // 4 : 3 * shape[0] // 4, shape[1] // 5 : 2 * shape[1] // 5] = True
+        ours = write_seg(tmp_path / f"ours-{name}", source, mask, "isnet lung segmenter", "0123456789ab", "0.1.0")
+        assert np.array_equal(load_mask(ours, shape, image=source), mask)
+        theirs = highdicom_seg(tmp_path / f"theirs-{name}", [source], [(RIGHT_LUNG, mask[None])])
+        assert "PixelMeasuresSequence" in pydicom.dcmread(theirs).SharedFunctionalGroupsSequence[0]
+        assert np.array_equal(load_mask(theirs, shape, image=source), mask)

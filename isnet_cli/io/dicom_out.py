@@ -42,7 +42,9 @@ PATIENT_STUDY = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
-# Attributes of the source image that highdicom needs to reference it and to size the objects.
+# Attributes of the source image that highdicom needs to reference it and to size the objects. Pixel spacing
+# is left out: a Secondary Capture figure has another geometry, and highdicom 0.28 writes a radiograph's
+# spacing into a SEG as a Pixel Measures Sequence without Slice Thickness that it then cannot read back.
 IMAGE_ATTRIBUTES = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -57,8 +59,6 @@ IMAGE_ATTRIBUTES = (
     "BitsStored",
     "HighBit",
     "PixelRepresentation",
-    "PixelSpacing",
-    "ImagerPixelSpacing",
     "PatientOrientation",
     "SpecificCharacterSet",
 )

@@ -54,6 +54,21 @@ def image_sop_instance_uid(image: Path | None) -> str | None:
     return str(uid) if uid else None
 
 
+def _readable(ds: Any) -> Any:
+    """Drop Pixel Measures without Slice Thickness (in memory) so that highdicom can read the SEG.
+
+    A SEG of a 2-D radiograph may carry Pixel Spacing alone (Slice Thickness is Type 1C, only required for
+    volumes; highdicom itself writes such SEGs), but highdicom 0.28's reader requires both. The mask does not
+    depend on the spacing.
+    """
+    groups = [*ds.get("SharedFunctionalGroupsSequence", []), *ds.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        measures = group.get("PixelMeasuresSequence")
+        if measures and "SliceThickness" not in measures[0]:
+            del group.PixelMeasuresSequence
+    return ds
+
+
 def _describe(seg: Any) -> list[tuple[int, str, str]]:
     """(number, label, property type meaning [code]) of every segment, for choosing and for error messages."""
     out = []
@@ -101,9 +116,10 @@ def read_seg_mask(path: Path, image: Path | None = None, segment: str | None = N
     segments), when the SEG does not reference `image`, or when it cannot tell which frame is meant.
     """
     import highdicom as hd
+    import pydicom
 
     try:
-        seg = hd.seg.segread(path)
+        seg = hd.seg.Segmentation.from_dataset(_readable(pydicom.dcmread(path, force=True)), copy=False)
     except Exception as exc:  # pydicom/highdicom raise many types for malformed objects
         raise InputError(path, f"cannot read DICOM SEG ({brief(exc)})") from None
     numbers = choose_segments(seg, path, segment)
