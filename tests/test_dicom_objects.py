@@ -335,3 +335,19 @@ def test_real_radiographs_seg_round_trip(shared_data, tmp_path):
         theirs = highdicom_seg(tmp_path / f"theirs-{name}", [source], [(RIGHT_LUNG, mask[None])])
         assert "PixelMeasuresSequence" in pydicom.dcmread(theirs).SharedFunctionalGroupsSequence[0]
         assert np.array_equal(load_mask(theirs, shape, image=source), mask)
+
+
+def test_writers_do_not_echo_the_patient_name(dicoms, tmp_path, recwarn):
+    """highdicom warns about one-component person names by quoting them: the writers silence that warning,
+    which would print the patient's name to the terminal and logs."""
+    from isnet_cli.io.dicom_out import write_prediction_sr, write_secondary_capture, write_seg
+
+    ds = pydicom.dcmread(rows_of(dicoms)[0]["image"])
+    ds.PatientName = "Smithson"
+    source = tmp_path / "named.dcm"
+    ds.save_as(source)
+    write_seg(tmp_path / "seg.dcm", source, np.ones((SIZE, SIZE), bool), "isnet lung segmenter", "id", "0")
+    write_secondary_capture(tmp_path / "sc.dcm", source, np.zeros((8, 8, 3), np.uint8), "test")
+    write_prediction_sr(tmp_path / "sr.dcm", source, "a", {"a": 1.0}, "isnet classifier", "id", "0")
+    assert str(pydicom.dcmread(tmp_path / "sr.dcm").PatientName) == "Smithson"
+    assert not [w for w in recwarn if "Smithson" in str(w.message)]

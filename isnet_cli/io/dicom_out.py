@@ -16,7 +16,8 @@ object cannot reference its source or sit in its study).
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,14 @@ def reference_dataset(source: Any, anonymize: bool) -> Any:
     return ds
 
 
+def _quietly(factory: Callable[..., Any], **kwargs: Any) -> Any:
+    """Build a highdicom object without its person-name warning, which quotes the name: it would print the
+    patient's name to the terminal and to logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*intended person name", category=UserWarning)
+        return factory(**kwargs)
+
+
 def _mark_anonymized(obj: Any, anonymize: bool) -> None:
     if anonymize:
         obj.PatientIdentityRemoved = "YES"
@@ -185,7 +194,8 @@ def write_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    seg = hd.seg.Segmentation(
+    seg = _quietly(
+        hd.seg.Segmentation,
         source_images=[reference_dataset(source, anonymize)],
         pixel_array=mask[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -227,7 +237,8 @@ def write_secondary_capture(
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
     orientation = source.get("PatientOrientation")
     has_orientation = orientation is not None and len(orientation) == 2
-    sc = hd.sc.SCImage.from_ref_dataset(
+    sc = _quietly(
+        hd.sc.SCImage.from_ref_dataset,
         ref_dataset=reference_dataset(source, anonymize),
         pixel_array=np.ascontiguousarray(rgb),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -287,7 +298,8 @@ def write_prediction_sr(
     ]
     root.ContentSequence = items
     evidence = reference_dataset(source, anonymize)
-    sr = hd.sr.ComprehensiveSR(
+    sr = _quietly(
+        hd.sr.ComprehensiveSR,
         evidence=[evidence],
         content=root,
         series_instance_uid=new_uid(),
