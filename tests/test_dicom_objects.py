@@ -43,9 +43,12 @@ def to_dicom(manifest: Path, out: Path, n: int | None = None) -> Path:
     return path
 
 
-def highdicom_seg(path: Path, sources: list[Path], segments: list[tuple[tuple[str, str], np.ndarray]]) -> Path:
-    """A BINARY SEG made the way another tool would: highdicom, SNOMED CT codes, one frame per source image
-    and segment. `segments`: ((code, meaning), masks (len(sources), H, W)) per segment."""
+def highdicom_seg(
+    path: Path, sources: list[Path], segments: list[tuple[tuple[str, str], np.ndarray]], kind: str = "BINARY"
+) -> Path:
+    """A SEG made the way another tool would: highdicom, SNOMED CT codes, one frame per source image and
+    segment. `segments`: ((code, meaning), masks (len(sources), H, W)) per segment; `kind`: BINARY (bool
+    masks) or FRACTIONAL (probabilities in [0, 1])."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -66,9 +69,10 @@ def highdicom_seg(path: Path, sources: list[Path], segments: list[tuple[tuple[st
         )
         for i, ((code, meaning), _) in enumerate(segments)
     ]
-    pixels = np.stack([m for _, m in segments], axis=-1).astype(np.uint8)  # (frames, H, W, segments)
+    pixels = np.stack([m for _, m in segments], axis=-1)  # (frames, H, W, segments)
+    pixels = pixels.astype(np.uint8) if kind == "BINARY" else pixels.astype(np.float32)
     seg = hd.seg.Segmentation(
-        datasets, pixels, "BINARY", descriptions, hd.UID(), 1, hd.UID(), 1, "other tool", "annotator", "1", "0"
+        datasets, pixels, kind, descriptions, hd.UID(), 1, hd.UID(), 1, "other tool", "annotator", "1", "0"
     )
     seg.save_as(path)
     return path
@@ -138,6 +142,10 @@ def test_seg_from_another_tool_is_read_by_code_and_label(dicoms, tmp_path):
         assert np.array_equal(load_mask(seg, (SIZE, SIZE), image=r["image"]), truth)
         assert np.array_equal(load_mask(seg, (SIZE, SIZE), image=r["image"], segment="heart"), heart)
         assert np.array_equal(load_mask(seg, (SIZE, SIZE), image=r["image"], segment="Left lung"), left)
+        soft = np.where(truth, 0.9, 0.3)[None]  # a probability map: lung where above one half
+        fractional = highdicom_seg(tmp_path / f"frac{i}.dcm", [Path(r["image"])], [(LEFT_LUNG, soft)], "FRACTIONAL")
+        assert pydicom.dcmread(fractional).SegmentationType == "FRACTIONAL"
+        assert np.array_equal(load_mask(fractional, (SIZE, SIZE), image=r["image"]), truth)
         lines.append(f"{r['image']},{seg},{r['label']}\n")
     manifest = tmp_path / "m.csv"
     manifest.write_text("image,mask,label\n" + "".join(lines))
