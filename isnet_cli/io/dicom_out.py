@@ -9,8 +9,8 @@ else of the source header is copied: the writers hand highdicom a reduced copy (
 
 `anonymize=True` replaces those attributes: patient name and ID become "ANONYMIZED", the others are
 emptied (they are Type 2: present, no value), and Patient Identity Removed = YES with a De-identification
-Method saying what was kept: the Study Instance UID and the source's SOP Instance UID (without them the
-object cannot reference its source or sit in its study).
+Method saying what was kept: the source's Study, Series and SOP Instance UIDs (without them the object
+cannot reference its source or sit in its study).
 """
 
 from __future__ import annotations
