@@ -196,7 +196,7 @@ def test_segment_format_seg_round_trip(dicoms, segmenter, tmp_path):
     png_spec, seg_spec = read_dataset(outs["png"] / "manifest.csv"), read_dataset(outs["seg"] / "manifest.csv")
     png_ds = XrayDataset(png_spec.samples, png_spec.classes, contract)
     seg_ds = XrayDataset(seg_spec.samples, seg_spec.classes, contract)
-    series = set()
+    series: dict[str, set[str]] = {}
     fractions = []
     for png_sample, seg_sample in zip(png_spec.samples, seg_spec.samples, strict=True):
         png_mask = np.asarray(Image.open(png_sample.mask)) > 127
@@ -211,13 +211,14 @@ def test_segment_format_seg_round_trip(dicoms, segmenter, tmp_path):
         assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
             src.SOPInstanceUID
         )
-        series.add(seg.SeriesInstanceUID)
+        series.setdefault(seg.StudyInstanceUID, set()).add(seg.SeriesInstanceUID)
         desc = hd.seg.segread(seg_sample.mask).get_segment_description(1)
         assert desc.segmented_property_type.value == "39607008" and desc.segment_label == "Lung"
         algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "isnet lung segmenter" and algorithm.AlgorithmVersion
         assert len(algorithm.AlgorithmParameters) > 12  # model_id=<12 hex digits>
-    assert len(series) == 1  # one Series per run
+    assert all(len(s) == 1 for s in series.values())  # one Series per run and Study, none shared across studies
+    assert len(set.union(*series.values())) == len(series)
     assert min(fractions) > 0 and max(fractions) < 1  # masks that are neither empty nor full: a real comparison
     code, _, stderr = isnet(
         "train", outs["seg"] / "manifest.csv", "--arch", "tinycnn", "--img-size", SIZE, "--epochs", 1,
@@ -277,19 +278,23 @@ def test_explain_secondary_capture(dicoms, tiny, tmp_path):
     bar = rgb[:, -100:].reshape(-1, 3).astype(int)
     assert ((bar[:, 0] > 200) & (bar[:, 2] < 80)).any() and ((bar[:, 2] > 200) & (bar[:, 0] < 80)).any()
     assert (rgb[:40].min(axis=-1) < 80).sum() > 100
-    # a folder: one Series for the run, one instance per image
+    # a folder: two images of one study and one of another: one new Series per Study, Instance Numbers 1, 2
     folder = tmp_path / "in"
     folder.mkdir()
-    for r in rows[:2]:
-        (folder / Path(r["image"]).name).write_bytes(Path(r["image"]).read_bytes())
+    study = pydicom.dcmread(rows[0]["image"]).StudyInstanceUID
+    for i, r in enumerate(rows[:3]):
+        ds = pydicom.dcmread(r["image"])
+        if i == 1:
+            ds.StudyInstanceUID = study
+        ds.save_as(folder / f"{i}.dcm")
     code, _, stderr = isnet("explain", folder, "--model", tiny.checkpoint, "--format", "dcm", "--out",
                             tmp_path / "many", "--anonymize", "--no-progress")  # fmt: skip
     assert code == 0, stderr
-    written = [pydicom.dcmread(p) for p in sorted((tmp_path / "many").glob("*.dcm"))]
-    assert len(written) == 2 and len({d.SeriesInstanceUID for d in written}) == 1
-    assert len({d.SOPInstanceUID for d in written}) == 2 and sorted(d.InstanceNumber for d in written) == [1, 2]
+    written = [pydicom.dcmread(tmp_path / "many" / f"{i}.dcm") for i in range(3)]
+    assert [d.StudyInstanceUID for d in written] == [study, study, pydicom.dcmread(rows[2]["image"]).StudyInstanceUID]
+    assert written[0].SeriesInstanceUID == written[1].SeriesInstanceUID != written[2].SeriesInstanceUID
+    assert [d.InstanceNumber for d in written] == [1, 2, 1] and len({d.SOPInstanceUID for d in written}) == 3
     assert all(str(d.PatientName) == "ANONYMIZED^" and d.PatientIdentityRemoved == "YES" for d in written)
-    assert {d.StudyInstanceUID for d in written} == {pydicom.dcmread(r["image"]).StudyInstanceUID for r in rows[:2]}
 
 
 def test_sc_for_png_input_is_refused(phantoms, tiny, tmp_path):

@@ -54,7 +54,7 @@ from isnet_cli.report.explain import OUT_FORMATS
     default=OUT_FORMATS[0],
     show_default=True,
     help="png: a figure; dcm: the same figure as a DICOM Secondary Capture in the input's study "
-    "(DICOM inputs only; one new Series per run).",
+    "(DICOM inputs only; one new Series per run and Study).",
 )
 @anonymize_option
 @click.option(

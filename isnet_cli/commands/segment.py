@@ -114,7 +114,7 @@ def train(data: str, channels: str, **options: Any) -> None:
     type=click.Choice(MASK_FORMATS),
     default=MASK_FORMATS[0],
     show_default=True,
-    help="Mask files: PNG, or DICOM SEG referencing each DICOM input (same Study, one new Series per run).",
+    help="Mask files: PNG, or DICOM SEG referencing each DICOM input (same Study, one new Series per run and Study).",
 )
 @opt.anonymize_option
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)

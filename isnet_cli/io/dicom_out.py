@@ -78,6 +78,20 @@ def new_uid() -> str:
     return str(hd.UID())
 
 
+class RunSeries:
+    """The Series of one run's objects: one new Series per source Study (a Series belongs to exactly one
+    Study), with Instance Numbers 1, 2, ... in the order written."""
+
+    def __init__(self) -> None:
+        self._series: dict[str, tuple[str, int]] = {}
+
+    def next(self, study_uid: str) -> tuple[str, int]:
+        """(Series Instance UID, Instance Number) of the next object in `study_uid`."""
+        uid, count = self._series.get(study_uid, (new_uid(), 0))
+        self._series[study_uid] = (uid, count + 1)
+        return uid, count + 1
+
+
 def require_dicom(paths: Sequence[Path], what: str) -> None:
     """Refuse, before any work, inputs that a derived DICOM object cannot reference (PNG, NIfTI, ...):
     one line naming the first of them and the fix."""
@@ -170,16 +184,18 @@ def write_seg(
     model_id: str,
     version: str,
     anonymize: bool = False,
-    series_uid: str | None = None,
+    series: RunSeries | None = None,
 ) -> Path:
     """A binary DICOM SEG of `mask` (bool (H, W), the source's geometry): one segment, coded SNOMED CT
-    "Lung" (organ), algorithm identification `model_name` / `version` with the model id as a parameter."""
+    "Lung" (organ), algorithm identification `model_name` / `version` with the model id as a parameter.
+    `series`: the run's Series (default: a new Series for this object alone)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     source = read_source(source_path, "--format seg")
     if mask.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"mask {mask.shape} does not match the source's {source.Rows}x{source.Columns} pixels")
+    series_uid, number = (series or RunSeries()).next(str(source.StudyInstanceUID))
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name,
         family=codes.cid7162.ArtificialIntelligence,
@@ -200,10 +216,10 @@ def write_seg(
         pixel_array=mask[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=series_uid or new_uid(),
+        series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["seg"],
         sop_instance_uid=new_uid(),
-        instance_number=1,
+        instance_number=number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model_name,
         software_versions=version,
@@ -221,11 +237,11 @@ def write_secondary_capture(
     rgb: np.ndarray,
     description: str,
     anonymize: bool = False,
-    series_uid: str | None = None,
-    instance_number: int = 1,
+    series: RunSeries | None = None,
 ) -> Path:
     """An RGB Secondary Capture of `rgb` (uint8 (H, W, 3), the rendered figure with its burned-in colour bar
     and caption) in the source's study, with a Source Image Sequence and Derivation Description pointing at it.
+    `series`: the run's Series (default: a new Series for this object alone).
 
     Burned In Annotation is NO: the burned-in text is the caption and the colour bar, nothing that identifies
     the patient (the caption does not name the file).
@@ -235,6 +251,7 @@ def write_secondary_capture(
     source = read_source(source_path, "--format dcm")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
+    series_uid, number = (series or RunSeries()).next(str(source.StudyInstanceUID))
     orientation = source.get("PatientOrientation")
     has_orientation = orientation is not None and len(orientation) == 2
     sc = _quietly(
@@ -244,10 +261,10 @@ def write_secondary_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid or new_uid(),
+        series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["sc"],
         sop_instance_uid=new_uid(),
-        instance_number=instance_number,
+        instance_number=number,
         manufacturer=MANUFACTURER,
         # highdicom insists on an orientation; where the source has none, the Type 2 attribute is emptied below.
         patient_orientation=tuple(orientation) if has_orientation else ("L", "F"),

@@ -309,17 +309,17 @@ def explain_many(
     (file, message) failures. One input: `single_out`/`single_raw` are the file paths.
 
     `fmt="dcm"`: each figure, captioned `DICOM_CAPTION`, becomes a Secondary Capture in its DICOM input's
-    study; all of this call's go into one new Series (`anonymize`: see `isnet_cli.io.dicom_out`).
+    study; this call's go into one new Series per Study (`anonymize`: see `isnet_cli.io.dicom_out`).
     """
-    from isnet_cli.io.dicom_out import new_uid, write_secondary_capture
+    from isnet_cli.io.dicom_out import RunSeries, write_secondary_capture
     from isnet_cli.report.render import render_heatmap
 
     if fmt not in OUT_FORMATS:
         raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(OUT_FORMATS)}")
     resolved = explainer.resolve_target(target)
     names = unique_stems([str(s.image) for s in samples])
-    series_uid = new_uid()
-    for number, (sample, name) in enumerate(zip(samples, names, strict=True), start=1):
+    series = RunSeries()
+    for sample, name in zip(samples, names, strict=True):
         try:
             mask_path = mask or getattr(sample, "mask", None)
             exp = explain_file(explainer, sample.image, resolved, mask=mask_path, mask_segment=mask_segment)
@@ -328,9 +328,7 @@ def explain_many(
                 png = render_heatmap(
                     exp.image, exp.relevance, mask=exp.mask, title=caption_of(exp), side_by_side=side_by_side
                 )
-                write_secondary_capture(
-                    figure, sample.image, figure_rgb(png), _derivation(exp), anonymize, series_uid, number
-                )
+                write_secondary_capture(figure, sample.image, figure_rgb(png), _derivation(exp), anonymize, series)
             else:
                 render_heatmap(
                     exp.image, exp.relevance, figure, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side

@@ -6,7 +6,7 @@ letterbox or stretch (`unletterbox`), thresholded at 0.5, cleaned (`clean_mask`)
 Each mask PNG is written atomically as soon as it is computed and each qc.csv row is flushed, so a run
 stopped by a bad input (`--fail-fast`) or killed keeps everything written before. With `fmt="seg"` each
 mask is a binary DICOM SEG referencing its DICOM input instead (`isnet_cli.io.dicom_out`; one Series
-per run), which PACS viewers show over the image and `isnet train` reads back.
+per run and Study), which PACS viewers show over the image and `isnet train` reads back.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from isnet_cli.infer.onnx_runtime import model_id
 from isnet_cli.infer.predict import Failure, iter_prepared, usable
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.contract import InputContract
-from isnet_cli.io.dicom_out import new_uid, require_dicom, write_seg
+from isnet_cli.io.dicom_out import RunSeries, require_dicom, write_seg
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
@@ -221,7 +221,7 @@ def segment_inputs(
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
     names = MaskNames(samples, ".dcm" if fmt == "seg" else ".png")
-    series_uid, segmenter_id = new_uid(), model_id(path)  # one SEG Series per run
+    series, segmenter_id = RunSeries(), model_id(path)  # one SEG Series per run and Study
     qc_file = QcFile(out / "qc.csv")
     kept: dict[str, str] = {}
     written = flagged = failed = 0
@@ -245,7 +245,7 @@ def segment_inputs(
                         segmenter_id,
                         __version__,
                         anonymize,
-                        series_uid,
+                        series,
                     )
                 else:
                     atomic_write_bytes(out / name, mask_png(item.mask))
