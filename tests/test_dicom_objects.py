@@ -5,6 +5,7 @@ Comprehensive SR, all re-read with pydicom/highdicom; bad inputs give one-line e
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,11 @@ def highdicom_seg(
     ]
     pixels = np.stack([m for _, m in segments], axis=-1)  # (frames, H, W, segments)
     pixels = pixels.astype(np.uint8) if kind == "BINARY" else pixels.astype(np.float32)
-    seg = hd.seg.Segmentation(
-        datasets, pixels, kind, descriptions, hd.UID(), 1, hd.UID(), 1, "other tool", "annotator", "1", "0"
-    )
+    with warnings.catch_warnings():  # real files have one-component patient names, which highdicom warns about
+        warnings.simplefilter("ignore", UserWarning)
+        seg = hd.seg.Segmentation(
+            datasets, pixels, kind, descriptions, hd.UID(), 1, hd.UID(), 1, "other tool", "annotator", "1", "0"
+        )
     seg.save_as(path)
     return path
 
@@ -181,6 +184,8 @@ def test_segment_format_seg_round_trip(dicoms, segmenter, tmp_path):
     masks of the same segmenter; `isnet train` runs on the SEG manifest."""
     import highdicom as hd
 
+    from isnet_cli.infer.onnx_runtime import model_id
+
     source = tmp_path / "nomask.csv"
     source.write_text("image,label\n" + "".join(f"{r['image']},{r['label']}\n" for r in rows_of(dicoms)))
     outs = {}
@@ -216,15 +221,18 @@ def test_segment_format_seg_round_trip(dicoms, segmenter, tmp_path):
         assert desc.segmented_property_type.value == "39607008" and desc.segment_label == "Lung"
         algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "isnet lung segmenter" and algorithm.AlgorithmVersion
-        assert len(algorithm.AlgorithmParameters) > 12  # model_id=<12 hex digits>
+        assert algorithm.AlgorithmParameters == f"model_id={model_id(segmenter / 'best.safetensors')}"
     assert all(len(s) == 1 for s in series.values())  # one Series per run and Study, none shared across studies
     assert len(set.union(*series.values())) == len(series)
     assert min(fractions) > 0 and max(fractions) < 1  # masks that are neither empty nor full: a real comparison
-    code, _, stderr = isnet(
-        "train", outs["seg"] / "manifest.csv", "--arch", "tinycnn", "--img-size", SIZE, "--epochs", 1,
-        "--batch-size", 4, "--cut", "1,25", "--out", tmp_path / "runs", "--name", "seg", "--device", "cpu",
-        "--no-progress",
-    )  # fmt: skip
+    train = ("train", outs["seg"] / "manifest.csv", "--arch", "tinycnn", "--img-size", SIZE, "--epochs", 1,
+             "--batch-size", 4, "--cut", "1,25", "--out", tmp_path / "runs", "--device", "cpu",
+             "--no-progress")  # fmt: skip
+    code, _, stderr = isnet(*train, "--name", "heart", "--mask-segment", "Heart")
+    one_line_error(
+        code, stderr, "unusable training file", "no segment labelled 'Heart'", "#1 'Lung' (Lung [SCT 39607008])"
+    )
+    code, _, stderr = isnet(*train, "--name", "seg", "--mask-segment", "Lung")
     assert code == 0, stderr
 
 
