@@ -156,6 +156,13 @@ def test_seg_from_another_tool_is_read_by_code_and_label(dicoms, tmp_path):
     ds = XrayDataset(spec.samples, spec.classes, InputContract(size=SIZE, resize="stretch"))
     for r, sample in zip(rows, spec.samples, strict=True):
         assert np.array_equal(ds.load_arrays(sample)[1], load_mask(r["mask"], (SIZE, SIZE)))
+    # `isnet data check` reads them too, with the segment chosen the same way
+    for segment, expected in ((None, 0), ("Heart", 0), ("Spleen", 2)):
+        code, stdout, stderr = isnet(
+            "data", "check", manifest, "--json", *(("--mask-segment", segment) if segment else ())
+        )
+        assert code == expected, stderr
+        assert ("no segment labelled 'Spleen'" in stdout) == (segment == "Spleen")
 
 
 def test_seg_errors_are_one_line_exit_2(dicoms, tiny, tmp_path):

@@ -76,6 +76,11 @@ def _print_report(report: dict[str, Any]) -> None:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--size", type=click.IntRange(min=8), default=None, help="Also check masks after resizing to N px.")
+@click.option(
+    "--mask-segment",
+    default=None,
+    help="Where masks are DICOM SEG files: the label of the segment to use (default: the lung-coded segments).",
+)
 @label_column_option
 @window_option
 @no_progress_option
@@ -83,6 +88,7 @@ def check(
     data: Path,
     as_json: bool,
     size: int | None,
+    mask_segment: str | None,
     label_column: str | None,
     window: str,
     no_progress: bool,
@@ -95,7 +101,9 @@ def check(
     """
     from isnet_cli.console import progress_enabled
 
-    report = check_dataset(data, label_column, size, window, progress=progress_enabled(no_progress))
+    report = check_dataset(
+        data, label_column, size, window, progress=progress_enabled(no_progress), mask_segment=mask_segment
+    )
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

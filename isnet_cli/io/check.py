@@ -42,12 +42,13 @@ def check_dataset(
     size: int | None = None,
     window: str = "dicom-window",
     progress: bool = False,
+    mask_segment: str | None = None,
 ) -> dict[str, Any]:
     """Read every image and mask of a dataset; return counts, sizes, mask coverage and every bad file.
 
     A bad file is one that is missing or unreadable, a mask with the wrong aspect or no lung pixel
     (the dataset is training data: masks are required when listed), or, with `size`, a mask that
-    vanishes when resized to `size`.
+    vanishes when resized to `size`. `mask_segment`: the segment label to use where a mask is a DICOM SEG.
     """
     from isnet_cli.console import track
 
@@ -56,7 +57,7 @@ def check_dataset(
     tally = _Tally()
     for sample in track(spec.samples, "checking", enabled=progress):
         tally.counts[(sample.label or "(none)", split_of.get(id(sample)) or "(none)")] += 1
-        _check_sample(sample, window, size, tally)
+        _check_sample(sample, window, size, tally, mask_segment)
     return _report(data, spec, split_source, size, tally)
 
 
@@ -84,7 +85,7 @@ def _splits(spec: Any) -> tuple[dict[int, str], str]:
     return {}, "unlabelled: no split"
 
 
-def _check_sample(sample: Any, window: str, size: int | None, tally: _Tally) -> None:
+def _check_sample(sample: Any, window: str, size: int | None, tally: _Tally, mask_segment: str | None = None) -> None:
     """Decode one image and its mask; record its shape and mask coverage, or what is wrong with it."""
     from isnet_cli.io.images import load_image
     from isnet_cli.io.masks import load_mask
@@ -107,7 +108,7 @@ def _check_sample(sample: Any, window: str, size: int | None, tally: _Tally) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mask = load_mask(sample.mask, decoded.image.shape, required=True, image=sample.image)
+            mask = load_mask(sample.mask, decoded.image.shape, True, image=sample.image, segment=mask_segment)
     except InputError as exc:
         tally.problem(sample.mask, exc.problem)
         return
