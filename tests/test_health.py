@@ -38,7 +38,7 @@ def test_assess_reads_the_selected_checkpoint_and_says_what_to_try() -> None:
     assert assess(rows, rows[0], 0.5, 2, True).ok
     verdict = assess(rows, None, 0.5, 2, True)  # no selection: the last epoch
     assert verdict.status == "chance"
-    assert "degenerate optimum" in verdict.message and "--warm-start" in verdict.message
+    assert "degenerate optimum" in verdict.message and "--ramp" in verdict.message
     stalled = assess([_row(0.7, 0.6, 0.68)], None, 0.5, 2, True)
     assert stalled.status == "ce-stalled" and f"{math.log(2):.3f}" in stalled.message
     assert assess([], None, 0.5, 2, True).ok

@@ -456,6 +456,20 @@ def test_background_swap_defaults_to_the_isnet_variants_only() -> None:
     assert TrainConfig(variant="none", bg_swap=0.5).needs_masks is True
 
 
+def test_warm_start_and_ramp_default_to_the_isnet_trained_with_the_swap() -> None:
+    isnet = TrainConfig(variant="selective")
+    assert isnet.starts_from_warm_up and isnet.ramp_epochs == 5
+    reference = TrainConfig(variant="selective", bg_swap=0.0)  # the warm-up would learn a background shortcut
+    assert not reference.starts_from_warm_up and reference.ramp_epochs == 0
+    fixed_cut = TrainConfig(variant="selective", cut="1,25")  # no warm-up to start from
+    assert not fixed_cut.starts_from_warm_up and fixed_cut.ramp_epochs == 5
+    standard = TrainConfig(variant="none")
+    assert not standard.starts_from_warm_up and standard.ramp_epochs == 0
+    assert TrainConfig(variant="selective", epochs=4).ramp_epochs == 2  # at most half of a short run
+    chosen = TrainConfig(variant="selective", warm_start=False, ramp=0)
+    assert not chosen.starts_from_warm_up and chosen.ramp_epochs == 0
+
+
 def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """With --warm-start the ISNet's first step starts from the warmed-up weights, otherwise from a fresh model."""
     import isnet_cli.train.trainer as T
@@ -472,8 +486,8 @@ def test_warm_start_continues_from_the_warm_up_weights(tiny_data: Path, tmp_path
 
     monkeypatch.setattr(T.Trainer, "tune_cut", spy)
     cfg = dict(TINY, data=str(tiny_data), epochs=1, cut_epochs=1, out=str(tmp_path))
-    train(TrainConfig(name="fresh", **cfg))
-    train(TrainConfig(name="warm", warm_start=True, **cfg))
+    train(TrainConfig(name="fresh", warm_start=False, **cfg))
+    train(TrainConfig(name="warm", **cfg))  # the default for an ISNet with the swap on
     assert not bool(seen[False][0]) and bool(seen[True][0])
 
 

@@ -13,7 +13,7 @@ from isnet_cli.commands.options import device_option, no_progress_option, window
 from isnet_cli.errors import InputError
 from isnet_cli.io.contract import RESIZE_MODES
 from isnet_cli.objective.settings import METHODS, VARIANTS
-from isnet_cli.train.config import ISNET_BG_SWAP, OPTIMIZERS, SCHEDULERS, SELECT_BY, TrainConfig
+from isnet_cli.train.config import ISNET_BG_SWAP, ISNET_RAMP, OPTIMIZERS, SCHEDULERS, SELECT_BY, TrainConfig
 
 _DEFAULTS = TrainConfig()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -110,8 +110,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="'rrr' = Right for the Right Reasons (input-gradient penalty on the background).",
 )
 @_option("--P", "P", type=float, help="Loss = (1-P)·CE + P·heatmap loss.")
-@_option(
-    "--ramp", type=int, help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start."
+@click.option(
+    "--ramp",
+    type=int,
+    default=_DEFAULTS.ramp,
+    help="Epochs over which P rises linearly from 0 (plain CE) to --P; 0 = full P from the start "
+    f"(default: {ISNET_RAMP} for ISNet variants trained with the background swap, else 0).",
 )
 @_option("--d", "d", type=float, help="Background GWRP decay (0 = max, 1 = mean).")
 @_option("--E", "E", type=float, help="Background activation log(1 + g/E).")
@@ -120,9 +124,11 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_option("--eps", type=float, help="LRP epsilon.")
 @_option("--cut", help="Foreground band 'C1,C2', or 'auto' (plain warm-up + statistics).")
 @_option("--cut-epochs", type=int, help="Warm-up epochs for --cut auto.")
-@_option(
+@click.option(
     "--warm-start/--no-warm-start",
-    help="Start the ISNet from the weights of the plain (CE-only) warm-up instead of a fresh initialisation.",
+    default=_DEFAULTS.warm_start,
+    help="Start the ISNet from the weights of the plain (CE-only) C1/C2 warm-up instead of a fresh initialisation "
+    "(default: on for ISNet variants with --cut auto and the background swap on).",
 )
 @_option(
     "--lds/--no-lds",

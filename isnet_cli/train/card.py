@@ -83,7 +83,8 @@ def _training(config: dict[str, Any], meta: dict[str, Any], run_dir: Path) -> li
         f"- variant `{isnet.get('variant')}`, method `{isnet.get('method')}`, P={isnet.get('P')}, "
         f"d={isnet.get('d')}, E={isnet.get('E')}, A={isnet.get('A')}, B={isnet.get('B')}, LRP eps={isnet.get('eps')}, "
         f"C1={_num(isnet.get('C1'))}, C2={_num(isnet.get('C2'))} ({isnet.get('cut_source')}), "
-        f"background swap {isnet.get('background_swap', 0)}" + _lds_text(isnet),
+        f"background swap {isnet.get('background_swap', 0)}, warm start {isnet.get('warm_start', False)}, "
+        f"P ramped over {isnet.get('ramp', 0)} epochs" + _lds_text(isnet),
         f"- optimizer {config.get('optimizer')} lr {config.get('lr')}, {config.get('epochs')} epochs, batch "
         f"{config.get('batch_size')}, scheduler {config.get('scheduler')}, seed {config.get('seed')}, "
         f"deterministic {config.get('deterministic')}",

@@ -22,6 +22,10 @@ SELECT_BY = ("loss", "accuracy", "auroc", "macro_f1")
 # Default --bg-swap of the ISNet variants: every training image gets another image's background
 # (measured in benchmarks/convergence.py: 0.5 left the model using the marker a little).
 ISNET_BG_SWAP = 1.0
+# Default --ramp of the ISNet variants with the swap on: P rises from 0 over this many epochs, so the CE can
+# keep the lesion evidence of the warm-up (started from with --warm-start, the default) while the heatmap
+# loss moves relevance off the background (benchmarks/README.md, real radiographs).
+ISNET_RAMP = 5
 _LOSS = HeatmapLossParams()  # the heatmap loss's own defaults are the options' defaults
 
 
@@ -53,7 +57,7 @@ class TrainConfig:
     variant: str = "selective"
     method: str = "isnet"
     P: float = 0.5  # the reference's 0.7 left small networks in the degenerate optimum (benchmarks/README.md)
-    ramp: int = 0
+    ramp: int | None = None  # None: ISNET_RAMP for an ISNet trained with the background swap, else 0 (see ramp_epochs)
     d: float = _LOSS.d
     E: float = _LOSS.E
     A: float = _LOSS.A
@@ -61,7 +65,7 @@ class TrainConfig:
     eps: float = 0.01
     cut: str = "auto"
     cut_epochs: int = 5
-    warm_start: bool = False
+    warm_start: bool | None = None  # None: on for an ISNet with --cut auto and the swap on (see starts_from_warm_up)
     lds: bool = False
     lds_layers: str | None = None
     lds_decay: float = 1.0
@@ -101,7 +105,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1"),
             ("lr", self.lr > 0, "a positive number"),
             ("cut-epochs", self.cut_epochs >= 1, "at least 1"),
-            ("ramp", self.ramp >= 0, "0 or more epochs"),
+            ("ramp", self.ramp is None or self.ramp >= 0, "0 or more epochs"),
             ("bg-swap", self.bg_swap is None or 0.0 <= self.bg_swap <= 1.0, "a probability in [0, 1]"),
             ("devices", self.devices >= 1, "at least 1"),
             ("val-fraction", 0.0 < self.val_fraction < 1.0, "a number in (0, 1)"),
@@ -117,7 +121,7 @@ class TrainConfig:
             raise InputError(None, str(exc), "e.g. --cut auto or --cut 1,25") from exc
         if self.lds and not self.uses_lrp_loss:
             raise InputError(None, "--lds needs the LRP heatmap loss", "drop --lds, or train an ISNet variant")
-        if self.warm_start and (not self.uses_lrp_loss or self.cut != "auto"):
+        if self.warm_start is True and (not self.uses_lrp_loss or self.cut != "auto"):
             raise InputError(
                 None,
                 "--warm-start continues from the C1/C2 warm-up of an ISNet (--cut auto)",
@@ -173,6 +177,24 @@ class TrainConfig:
         if self.bg_swap is not None:
             return self.bg_swap
         return ISNET_BG_SWAP if self.uses_lrp_loss else 0.0
+
+    @property
+    def starts_from_warm_up(self) -> bool:
+        """--warm-start, or by default on for an ISNet whose C1/C2 come from the warm-up (--cut auto) and whose
+        warm-up sees swapped backgrounds; with --bg-swap 0 the warm-up learns a background shortcut, so the
+        ISNet starts afresh (the reference's method)."""
+        if self.warm_start is not None:
+            return self.warm_start
+        return self.uses_lrp_loss and self.cut == "auto" and self.background_swap > 0
+
+    @property
+    def ramp_epochs(self) -> int:
+        """--ramp, or by default ISNET_RAMP epochs (at most half the run, so a short run still trains at full P)
+        for an ISNet trained with the background swap; 0 with --bg-swap 0, the reference's method (a ramp
+        without the swap lets the CE learn the shortcut first)."""
+        if self.ramp is not None:
+            return self.ramp
+        return min(ISNET_RAMP, self.epochs // 2) if self.uses_lrp_loss and self.background_swap > 0 else 0
 
     def recipe(self) -> dict[str, Any]:
         """The YAML recipe: every training option, data paths absolute; `name` and `no_progress` left out

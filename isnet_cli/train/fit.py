@@ -208,7 +208,7 @@ def _resolve_cut(cfg: TrainConfig, trainer: Trainer, model: nn.Module, progress:
     given = parse_cut(cfg.cut)
     if given is not None:
         return Cuts(given, "--cut")
-    first, *hidden = trainer.tune_cut(model, progress, keep_weights=cfg.warm_start)
+    first, *hidden = trainer.tune_cut(model, progress, keep_weights=cfg.starts_from_warm_up)
     if trainer.dist.main:
         console.print(f"C1/C2 tuned after a {cfg.cut_epochs}-epoch plain warm-up: C1={first[0]:.4g}, C2={first[1]:.4g}")
         for name, (c1, c2) in zip(trainer.lds_layers, hidden, strict=True):
@@ -238,6 +238,8 @@ def _write_config(run: Run) -> None:
         "name": run_dir.name,
         **run.cuts.record(),
         "background_swap": cfg.background_swap,
+        "warm_start_used": cfg.starts_from_warm_up,
+        "ramp_epochs": cfg.ramp_epochs,
         "classes": run.data.classes,
         "world_size": run.trainer.dist.world,
         "contract": run.trainer.contract.to_dict(),

@@ -30,7 +30,7 @@ CHANCE_MARGIN = 0.05
 STALLED_CE_FRACTION = 0.9
 
 _ISNET_ADVICE = (
-    "try more --epochs, --warm-start (start from the plain warm-up's weights), a lower --P, or --variant none "
+    "try more --epochs, a longer --ramp (P reaches its value later), a lower --P, or --variant none "
     "to see whether the classes are learnable at all; check that the masks cover where the label lives"
 )
 _PLAIN_ADVICE = "try more --epochs, a larger --img-size, another --lr; check the labels"

@@ -300,6 +300,8 @@ def checkpoint_meta(
         "lds_decay": cfg.lds_decay if cuts.hidden else None,
         "rrr_lambda": cfg.rrr_lambda if cfg.method == "rrr" else None,
         "background_swap": cfg.background_swap,
+        "warm_start": cfg.starts_from_warm_up,
+        "ramp": cfg.ramp_epochs,
     }
     return {
         "arch": cfg.arch,

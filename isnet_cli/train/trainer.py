@@ -176,7 +176,7 @@ class Trainer:
             f"{label} {epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch, completed=skip, stats=""
         )
         step, bad_in_row, t0, seen = skip, 0, time.perf_counter(), 0
-        p_now = cfg.P * min(1.0, epoch / cfg.ramp) if cfg.ramp else cfg.P
+        p_now = cfg.P * min(1.0, epoch / cfg.ramp_epochs) if cfg.ramp_epochs else cfg.P
         for x, mask, y in loader:
             x, mask, y = (t.to(self.device, non_blocking=True) for t in (x, mask, y))
             x = self._swap(x, mask, epoch, step)
