@@ -1,28 +1,43 @@
-"""Shortcut benchmark on real chest X-rays: does the ISNet learn a lesion in the lungs and ignore a marker?
+"""Shortcut benchmark on real chest X-rays: which models learn a lesion in the lungs and ignore a marker?
 
 The task is built from real radiographs with lung masks (the shared data folder beside the project,
 `--data`): every source image is letterboxed to `--size` px with the project's preprocessing, then
 drawn `--draws` times in both classes, `normal` (as is) and `opacity` (a synthetic round opacity
 implanted at a new random place inside its lungs each draw, `isnet_cli.synth.implant_lesion`). A bright
-letter marker outside the lungs (`isnet_cli.synth.draw_marker`) goes with every `opacity` training image
-(bias 1.0). Sources are split train / validation / test by image (by patient where the set has several
-images of one patient), so no anatomy is shared between the splits. Three models are trained with the
-`isnet train` defaults (only architecture, size, epochs and seed given):
+letter marker outside the lungs (`isnet_cli.synth.draw_marker`) is the shortcut: with correlation b it
+is in a fraction b of the `opacity` training images and 1 - b of the `normal` ones (b = 1: every opacity
+and no normal image). Sources are split train / validation / test by image (by patient where the set
+has several images of one patient), so no anatomy is shared between the splits.
 
-- `ceiling`:  the standard classifier on the same images without any marker (what can be learned);
-- `standard`: the standard classifier on the biased images;
-- `isnet`:    the default ISNet on the biased images.
+Models (`MODELS`), each trained with the `isnet train` defaults (only architecture, size, epochs, seed
+and what defines the model given), on the same images and budget:
 
-Each `best` checkpoint is scored on the test sources: clean (no marker), biased (marker with every
-opacity) and flipped (marker with every normal image): accuracy and AUROC, and the mean share of
-|LRP relevance| (predicted class) inside the lungs on the flipped set.
+- `ceiling`:          the standard classifier on the same images without any marker (what can be learned);
+- `standard`:         the standard classifier (`--variant none`) on the biased images;
+- `isnet`:            the ISNet (`--variant selective`, the default);
+- `isnet_stochastic`: the ISNet with `--variant stochastic`;
+- `rrr`:              Right for the Right Reasons (`--method rrr`, input-gradient penalty outside the lungs);
+- `pipeline`:         the segmenter-then-classifier baseline (`--variant masked`), where `isnet train`
+                      offers it.
 
-    python benchmarks/shortcut_cxr.py                       # ResNet-18, 128 px, CPU defaults (~45 min on 2 cores)
-    python benchmarks/shortcut_cxr.py --models ceiling      # calibrate the lesion: the ceiling should reach 0.85
-    python benchmarks/shortcut_cxr.py --set bg_swap=0        # the same with another `isnet train` option
+Each `best` checkpoint (what a user gets) is scored on the test sources: clean (no marker), biased
+(marker with every opacity) and flipped (marker with every normal image): accuracy (bootstrap 95% CI)
+and AUROC (DeLong 95% CI); on the flipped set the mean share of |LRP relevance| (predicted class) inside
+the lungs and the `isnet audit` background-swap flip rate; the inference latency (batch of one, CPU,
+median) and the parameter count. Three seeds for `standard` and `isnet` at b = 1 (mean and spread), one
+for the others and for b = 0.9.
 
-`--out` keeps the built data, runs and scores (one folder per size, contrast and draws); a model whose score
-exists is not trained again.
+    python benchmarks/shortcut_cxr.py                  # everything (ResNet-18, 128 px, CPU; < 2 h on 2 cores)
+    python benchmarks/shortcut_cxr.py --quick          # one seed, b = 1 only (< 30 min)
+    python benchmarks/shortcut_cxr.py --models ceiling # calibrate the lesion: the ceiling should reach 0.85
+    python benchmarks/shortcut_cxr.py --models isnet --set ramp=0 --tag noramp   # try an `isnet train` option
+    python benchmarks/shortcut_cxr.py --arch densenet121 --size 224 --set device=cuda   # the paper's setting
+
+Writes `--results` (default `benchmarks/results/`): `shortcut_cxr.json` (per model: clean / biased /
+flipped accuracy and AUROC with CIs, `inside_mask_share`, `background_swap_flip_rate`, `latency_ms`,
+`parameters`; plus `config`), `shortcut_cxr.md` (the table) and `shortcut_cxr.png` (each model's heatmaps
+on the same flipped test images). `--out` keeps the built data, runs and per-run scores (one folder per
+size, contrast and draws); a run whose score exists is not trained again.
 """
 
 from __future__ import annotations
@@ -32,7 +47,11 @@ import csv
 import itertools
 import json
 import os
+import platform
+import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +62,31 @@ REPO = Path(__file__).resolve().parents[1]
 SETS = ("ieee8023_gb100", "tb_shenzhen_montgomery72", "v7_ieee8023_lungs345")
 SPLIT = {"train": 0.6, "val": 0.1, "test": 0.3}
 TESTS = ("clean", "biased", "flipped")
-MODELS = ("ceiling", "standard", "isnet")
+BIASES = (1.0, 0.9)
+SEEDS = 3  # for the models marked `seeds=SEEDS`, at b = 1
+LATENCY_RUNS = 30
+FIGURE_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Model:
+    """One row of the benchmark: the `isnet train` options that define it and where it is trained."""
+
+    options: dict[str, Any]
+    clean_data: bool = False  # trained on images without any marker (the ceiling)
+    seeds: int = 1  # seeds at b = 1
+    biases: tuple[float, ...] = BIASES
+    needs: str | None = None  # the `--variant` value this row needs from `isnet train`, if not always there
+
+
+MODELS = {
+    "standard": Model({"variant": "none"}, seeds=SEEDS),
+    "isnet": Model({"variant": "selective"}, seeds=SEEDS),
+    "isnet_stochastic": Model({"variant": "stochastic"}),
+    "rrr": Model({"variant": "none", "method": "rrr"}),
+    "pipeline": Model({"variant": "masked"}, needs="masked"),
+    "ceiling": Model({"variant": "none"}, clean_data=True, biases=(1.0,)),
+}
 
 
 def sources(data: Path) -> list[dict[str, str]]:
@@ -74,10 +117,17 @@ def split_groups(rows: list[dict[str, str]], seed: int) -> dict[str, list[dict[s
 
 
 def build(
-    rows: list[dict[str, str]], folder: Path, size: int, marker: str | None, contrast: float, draws: int, seed: int
+    rows: list[dict[str, str]],
+    folder: Path,
+    size: int,
+    bias: float | str | None,
+    contrast: float,
+    draws: int,
+    seed: int,
 ) -> Path:
-    """`draws` images of both classes per source at `size` px; `marker`: None, "opacity" (bias 1.0) or "normal"
-    (flipped). The classes stay balanced: a `normal` draw is the source itself (its marker, if any, moves)."""
+    """`draws` images of both classes per source at `size` px. `bias`: None (no marker), "flip" (marker with
+    every normal image) or b (marker with a fraction b of the opacity images and 1 - b of the normal ones).
+    The classes stay balanced: a `normal` draw is the source itself (its marker, if any, moves)."""
     from PIL import Image
 
     from isnet_cli.io.contract import InputContract
@@ -97,7 +147,7 @@ def build(
         for draw, label in itertools.product(range(draws), ("normal", "opacity")):
             rng = np.random.default_rng([seed, i, draw, label == "opacity"])
             img = implant_lesion(image, lungs, rng, contrast) if label == "opacity" else image.copy()
-            if marker == label:
+            if _has_marker(bias, label, np.random.default_rng([seed, i, draw, label == "opacity", 7])):
                 draw_marker(img, ~lungs, rng)
             stem = f"{i:04d}_{draw}_{label}"
             Image.fromarray(np.round(img * 255).astype(np.uint8)).save(folder / "images" / f"{stem}.png")
@@ -110,28 +160,258 @@ def build(
     return manifest
 
 
-def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
-    from isnet_cli.infer.loading import TorchModel
-    from isnet_cli.io.dataset import read_dataset
-    from isnet_cli.report.evaluate import label_indices, macro_auroc, score_samples
+def _has_marker(bias: float | str | None, label: str, coin: np.random.Generator) -> bool:
+    if bias is None:
+        return False
+    if bias == "flip":
+        return label == "normal"
+    share = float(bias) if label == "opacity" else 1.0 - float(bias)
+    return share >= 1.0 or (share > 0.0 and coin.random() < share)
 
-    backend = TorchModel(run_dir / "best.safetensors", device="cpu")
+
+def datasets(parts: dict[str, list[dict[str, str]]], root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Every manifest the benchmark needs: training and validation sets per correlation, the test sets."""
+    built = {}
+    for bias in (None, *args.biases):
+        tag = "clean" if bias is None else "biased" if bias == 1.0 else f"b{bias:g}"
+        for part, seed in (("train", 1), ("val", 2)):
+            built[f"{part}_{tag}"] = build(
+                parts[part], root / f"{part}_{tag}", args.size, bias, args.contrast, args.draws, seed
+            )
+    for name, bias in zip(TESTS, (None, 1.0, "flip"), strict=True):
+        built[f"test_{name}"] = build(
+            parts["test"], root / f"test_{name}", args.size, bias, args.contrast, args.draws, 3
+        )
+    return built
+
+
+def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
+    """The benchmark's measures of one trained model (see the module docstring)."""
+    from isnet_cli.infer.loading import load_backend
+    from isnet_cli.io.dataset import read_dataset
+    from isnet_cli.report.audit import load_audit_set, run_audit
+    from isnet_cli.report.evaluate import label_indices, score_samples
+    from isnet_cli.report.metrics import auroc_ci, bootstrap_summary_ci
+
+    backend = load_backend(run_dir / "best.safetensors", device="cpu")
     record: dict[str, Any] = {}
     for name, manifest in tests.items():
         samples = read_dataset(manifest).samples
-        scored = score_samples(
-            backend, samples, label_indices(samples, backend.classes, manifest), 32, with_relevance=name == "flipped"
-        )
+        labels = label_indices(samples, backend.classes, manifest)
+        scored = score_samples(backend, samples, labels, 32, with_relevance=name == "flipped")
+        pred = scored.probs.argmax(1)
+        auroc, auroc_ci95 = auroc_ci(scored.probs[:, 1], scored.y == 1)
         record[name] = {
-            "accuracy": float((scored.probs.argmax(1) == scored.y).mean()),
-            "auroc": macro_auroc(scored.y, scored.probs),
+            "accuracy": float((pred == scored.y).mean()),
+            "accuracy_ci95": bootstrap_summary_ci(scored.y, pred, len(backend.classes))["accuracy"],
+            "auroc": auroc,
+            "auroc_ci95": auroc_ci95,
         }
         if name == "flipped":
-            record["inside_mask_share"] = float(np.nanmean(scored.share_abs))
+            record["inside_mask_share"] = float(np.nanmean(scored.share_abs)) if backend.has_relevance else None
+            audit_set, _, _ = load_audit_set(samples, backend.classes, backend.contract, 32, fail_fast=True)
+            summary, _ = run_audit(backend, audit_set, 32)
+            record["background_swap_flip_rate"] = summary["flip_rate"]["background_swap"]
+    record["latency_ms"] = latency_ms(backend)
+    record["parameters"] = parameters(backend)
     return record
 
 
-def main() -> None:
+def latency_ms(backend: Any) -> float:
+    """Median wall time of one image through the model (batch of one, after warm-up), in ms."""
+    x = np.random.default_rng(0).random((1, backend.contract.channels, backend.contract.size, backend.contract.size))
+    x = x.astype(np.float32)
+    for _ in range(3):
+        backend.logits(x)
+    times = []
+    for _ in range(LATENCY_RUNS):
+        t0 = time.perf_counter()
+        backend.logits(x)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def parameters(backend: Any) -> int:
+    """Parameters of every network the model runs at inference (a pipeline's segmenter included)."""
+    counted = getattr(backend, "parameter_count", None)
+    if counted is not None:
+        return int(counted() if callable(counted) else counted)
+    return int(sum(p.numel() for p in backend.model.parameters()))
+
+
+def runs_to_do(args: argparse.Namespace, available: set[str]) -> list[tuple[str, float, int]]:
+    """(model, correlation, seed) of every run of this invocation, in the order they are trained."""
+    jobs = []
+    for key in args.models:
+        model = MODELS[key]
+        if model.needs and model.needs not in available:
+            print(f"{key}: skipped, `isnet train --variant {model.needs}` is not available in this version")
+            continue
+        for bias in args.biases:
+            if bias not in model.biases:
+                continue
+            seeds = args.seeds if bias == 1.0 and model.seeds > 1 else min(args.seeds, 1)
+            jobs.extend((key, bias, args.seed + s) for s in range(seeds))
+    return jobs
+
+
+def train_and_score(
+    key: str, bias: float, seed: int, sets: dict[str, Path], root: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train one model (unless its score exists) and return its score record."""
+    from isnet_cli.train import TrainConfig, train
+
+    model = MODELS[key]
+    overrides = dict(parse_overrides(args.set))
+    tag = args.tag or "_".join(f"{k}-{v}" for k, v in overrides.items()) or "defaults"
+    data = "clean" if model.clean_data else "biased" if bias == 1.0 else f"b{bias:g}"
+    cfg = TrainConfig(
+        data=str(sets[f"train_{data}"]),
+        val=str(sets[f"val_{data}"]),
+        arch=args.arch,
+        img_size=args.size,
+        epochs=args.epochs,
+        seed=seed,
+        out=str(root / "runs"),
+        cache=str(Path(args.out) / "cache"),
+        no_progress=True,
+        heatmaps=2,
+        **{**model.options, **overrides},
+    )
+    cfg.name = f"{key}_{args.arch}_e{args.epochs}_b{bias:g}_s{seed}_{tag}_{recipe_hash(cfg)}"
+    score_file = root / "scores" / f"{cfg.name}.json"
+    tests = {name: sets[f"test_{name}"] for name in TESTS}
+    if score_file.is_file():
+        return json.loads(score_file.read_text())
+    run_dir = root / "runs" / cfg.name
+    if not finished(run_dir, cfg.epochs):  # a finished run (same recipe: same name) is scored, not retrained
+        run_dir = train(cfg).run_dir
+    record = {**score(run_dir, tests), "seconds": epoch_seconds(run_dir), "run": str(run_dir)}
+    score_file.parent.mkdir(parents=True, exist_ok=True)
+    score_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    """The run folder holds every epoch (metrics.csv has one row per finished epoch)."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return False
+    with metrics.open(newline="") as f:
+        return sum(1 for _ in csv.DictReader(f)) >= epochs
+
+
+def epoch_seconds(run_dir: Path) -> int:
+    """Training time of the run's epochs (metrics.csv; the C1/C2 warm-up not included)."""
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return round(sum(float(r["seconds"] or 0) for r in csv.DictReader(f)))
+
+
+def recipe_hash(cfg: Any) -> str:
+    """8 hex digits of everything that defines the trained model, defaults resolved: a run is reused only
+    when the recipe it was trained with is the one asked for (a later change of a default retrains it)."""
+    import hashlib
+
+    recipe = {k: v for k, v in cfg.recipe().items() if k not in ("out", "cache")}
+    recipe.update(background_swap=cfg.background_swap, warm_start=cfg.starts_from_warm_up, ramp=cfg.ramp_epochs)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's published entry: the first seed's CIs, means over seeds and their spread (min, max)."""
+    first = records[0]
+    out: dict[str, Any] = {}
+    for test in TESTS:
+        out[test] = {}
+        for metric in ("accuracy", "auroc"):
+            values = [r[test][metric] for r in records]
+            out[test][metric] = float(np.mean(values))
+            out[test][f"{metric}_ci95"] = first[test][f"{metric}_ci95"]
+            if len(values) > 1:
+                out[test][f"{metric}_seeds"] = values
+    for key in ("inside_mask_share", "background_swap_flip_rate", "latency_ms"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    out["parameters"] = first["parameters"]
+    out["seeds"] = len(records)
+    out["train_seconds"] = [r["seconds"] for r in records]
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table of the published results."""
+    lines = [
+        "| model | b | seeds | clean acc | biased acc | flipped acc | flipped AUROC | in-lung share | swap flips "
+        "| latency ms | parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def acc(entry: dict[str, Any], test: str) -> str:
+        e = entry[test]
+        spread = e.get("accuracy_seeds")
+        text = f"{e['accuracy']:.3f}"
+        if spread:
+            text += f" ({min(spread):.3f}-{max(spread):.3f})"
+        return text + f" [{e['accuracy_ci95'][0]:.2f}, {e['accuracy_ci95'][1]:.2f}]"
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for row, entry in results.items():
+        if row == "config":
+            continue
+        key, _, bias = row.partition("@")
+        lines.append(
+            f"| {key} | {bias or '1'} | {entry['seeds']} | {acc(entry, 'clean')} | {acc(entry, 'biased')} | "
+            f"{acc(entry, 'flipped')} | {entry['flipped']['auroc']:.3f} | {num(entry['inside_mask_share'], '.2f')} | "
+            f"{num(entry['background_swap_flip_rate'], '.2f')} | {num(entry['latency_ms'], '.1f')} | "
+            f"{entry['parameters']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(runs: dict[str, str], flipped: Path, out: Path) -> None:
+    """Each model's LRP heatmap (predicted class) on the same flipped test images, one row per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from isnet_cli.infer.loading import load_backend
+    from isnet_cli.io.dataset import read_dataset
+    from isnet_cli.io.preprocess import preprocess_file
+    from isnet_cli.report.render import clip_value, overlay_rgba
+
+    samples = read_dataset(flipped).samples
+    picked = [s for s in samples if s.label == "normal"][: FIGURE_IMAGES // 2]
+    picked += [s for s in samples if s.label == "opacity"][: FIGURE_IMAGES - len(picked)]
+    fig, axes = plt.subplots(len(runs), len(picked), figsize=(2.2 * len(picked), 2.3 * len(runs)), squeeze=False)
+    for row, (key, run_dir) in enumerate(runs.items()):
+        backend = load_backend(Path(run_dir) / "best.safetensors", device="cpu")
+        for col, sample in enumerate(picked):
+            prepared = preprocess_file(sample.image, backend.contract, sample.mask, mask_required=True)
+            ax = axes[row][col]
+            ax.imshow(prepared.x[0], cmap="gray", vmin=0, vmax=1)
+            if backend.has_relevance:
+                logits, relevance = backend.relevance(prepared.x[None])
+                r = relevance[0].sum(axis=0)
+                ax.imshow(overlay_rgba(r, clip_value(r)))
+                pred = backend.classes[int(np.argmax(logits[0]))]
+            else:
+                pred = backend.classes[int(np.argmax(backend.logits(prepared.x[None])[0]))]
+            ax.contour(prepared.mask[0], levels=[0.5], colors="lime", linewidths=0.5)
+            ax.set_title(f"true {sample.label} / {pred}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(key, fontsize=8)
+    fig.suptitle("LRP heatmaps on flipped test images (marker with the normal images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--size", type=int, default=128)
@@ -139,82 +419,70 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--contrast", type=float, default=0.4, help="peak of the implanted opacity, [0, 1] units")
     parser.add_argument("--draws", type=int, default=1, help="images per source image and class")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument("--biases", default=",".join(f"{b:g}" for b in BIASES), help="marker-label correlations")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of the multi-seed models at b = 1")
+    parser.add_argument("--seed", type=int, default=0, help="first training seed (the data split is fixed)")
+    parser.add_argument("--quick", action="store_true", help="one seed, b = 1 only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="`isnet train` option")
-    parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr")
+    parser.add_argument("--tag", help="name of the --set recipe in run names (default: the options)")
+    parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr", help="work folder: data, runs, scores")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="published files")
     args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    args.biases = [float(b) for b in args.biases.split(",") if b]
+    if args.quick:
+        args.seeds, args.biases = 1, [1.0]
+    return args
 
-    from isnet_cli.train import TrainConfig, train
+
+def main() -> None:
+    args = parse_args()
+    from isnet_cli.objective.settings import VARIANTS
 
     t_start = time.perf_counter()
-    out = Path(args.out)
-    parts = split_groups(sources(Path(args.data)), args.seed)
-    root = out / f"data_s{args.size}_c{args.contrast:g}_d{args.draws}"
-    sets = {
-        "train_biased": build(
-            parts["train"], root / "train_biased", args.size, "opacity", args.contrast, args.draws, 1
-        ),
-        "train_clean": build(parts["train"], root / "train_clean", args.size, None, args.contrast, args.draws, 1),
-        "val_biased": build(parts["val"], root / "val_biased", args.size, "opacity", args.contrast, args.draws, 2),
-        "val_clean": build(parts["val"], root / "val_clean", args.size, None, args.contrast, args.draws, 2),
-    }
-    tests = {
-        name: build(parts["test"], root / f"test_{name}", args.size, marker, args.contrast, args.draws, 3)
-        for name, marker in zip(TESTS, (None, "opacity", "normal"), strict=True)
-    }
+    parts = split_groups(sources(Path(args.data)), 0)
+    root = Path(args.out) / f"data_s{args.size}_c{args.contrast:g}_d{args.draws}"
+    sets = datasets(parts, root, args)
     print(
         f"sources: {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test images "
         f"({args.draws} of each class per source), {args.size} px, opacity contrast {args.contrast}",
         flush=True,
     )
-    overrides: dict[str, Any] = dict(parse_overrides(args.set))
-    tag = "_".join(f"{k}-{v}" for k, v in overrides.items()) or "defaults"
-    results: dict[str, Any] = {}
-    for model in [m for m in args.models.split(",") if m]:
-        name = f"{model}_{args.arch}_e{args.epochs}_s{args.seed}_{tag}"
-        score_file = root / "scores" / f"{name}.json"
-        if score_file.is_file():
-            results[model] = json.loads(score_file.read_text())
-            continue
-        clean = model == "ceiling"
-        cfg = TrainConfig(
-            data=str(sets["train_clean" if clean else "train_biased"]),
-            val=str(sets["val_clean" if clean else "val_biased"]),
-            arch=args.arch,
-            img_size=args.size,
-            epochs=args.epochs,
-            seed=args.seed,
-            variant="selective" if model == "isnet" else "none",
-            out=str(root / "runs"),
-            name=name,
-            cache=str(out / "cache"),
-            no_progress=True,
-            heatmaps=2,
-            **overrides,
-        )
-        t0 = time.perf_counter()
-        run = train(cfg)
-        record = {
-            **score(run.run_dir, tests),
-            "seconds": round(time.perf_counter() - t0),
-            "best_epoch": run.best and run.best.get("epoch"),
-        }
-        score_file.parent.mkdir(parents=True, exist_ok=True)
-        score_file.write_text(json.dumps(record, indent=1))
-        results[model] = record
-
-    print(f"\n{args.arch}, {args.size} px, {args.epochs} epochs, seed {args.seed}, options {overrides or 'defaults'}")
-    print("| model | clean acc | clean AUROC | biased acc | flipped acc | flipped AUROC | in-lung share | train s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model, r in results.items():
-        share = r.get("inside_mask_share")
+    records: dict[str, list[dict[str, Any]]] = {}
+    for key, bias, seed in runs_to_do(args, set(VARIANTS)):
+        record = train_and_score(key, bias, seed, sets, root, args)
+        records.setdefault(key if bias == 1.0 else f"{key}@{bias:g}", []).append(record)
         print(
-            f"| {model} | {r['clean']['accuracy']:.3f} | {r['clean']['auroc']:.3f} | {r['biased']['accuracy']:.3f} | "
-            f"{r['flipped']['accuracy']:.3f} | {r['flipped']['auroc']:.3f} | "
-            f"{'-' if share is None else f'{share:.3f}'} | {r['seconds']} |"
+            f"{key} b={bias:g} seed {seed}: " + ", ".join(f"{t} {record[t]['accuracy']:.3f}" for t in TESTS), flush=True
         )
-    print(f"\nwall time {time.perf_counter() - t_start:.0f} s, {os.cpu_count()} CPUs")
+    results: dict[str, Any] = {row: summarise(rs) for row, rs in records.items()}
+    results["config"] = {
+        "arch": args.arch,
+        "size": args.size,
+        "epochs": args.epochs,
+        "contrast": args.contrast,
+        "draws": args.draws,
+        "biases": args.biases,
+        "options": dict(parse_overrides(args.set)) or "isnet train defaults",
+        "sources": {part: len(rows) for part, rows in parts.items()},
+        "test_images": 2 * args.draws * len(parts["test"]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "wall_seconds": round(time.perf_counter() - t_start),
+        "command": "python benchmarks/shortcut_cxr.py " + " ".join(sys.argv[1:]),
+    }
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shortcut_cxr.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (out / "shortcut_cxr.md").write_text(text + "\n")
+    first_runs = {row: rs[0]["run"] for row, rs in records.items() if "@" not in row}
+    figure(first_runs, sets["test_flipped"], out / "shortcut_cxr.png")
+    print("\n" + text)
+    print(f"\nwall time {time.perf_counter() - t_start:.0f} s, {os.cpu_count()} CPUs; results in {out}")
 
 
 if __name__ == "__main__":
