@@ -285,7 +285,15 @@ def explain_many(
         try:
             exp = explain_file(explainer, sample.image, resolved, mask=mask or getattr(sample, "mask", None))
             png = single_out if single_out is not None else out_dir / f"{name}.png"
-            render_heatmap(exp.image, exp.relevance, png, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side)
+            render_heatmap(
+                exp.image,
+                exp.relevance,
+                png,
+                mask=exp.mask,
+                title=title_of(exp),
+                side_by_side=side_by_side,
+                roi_label=explainer.contract.roi_label,
+            )
             exp.png = str(png)
             raw = single_raw if single_raw is not None else (raw_dir / f"{name}.npy" if raw_dir else None)
             if raw is not None:
