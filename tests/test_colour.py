@@ -187,6 +187,7 @@ def test_train_detects_colour_and_records_channels_and_roi(colour_run: Path) -> 
     config = (colour_run / "config.yaml").read_text()
     assert "channels: 3" in config and "roi_name: face" in config
     assert (colour_run / "heatmaps" / "epoch_2.png").is_file()
+    assert "region of interest: face" in (colour_run / "card.md").read_text()
 
 
 def test_channels_1_on_colour_data_trains_a_grey_model(faces: Path, tmp_path: Path) -> None:
