@@ -190,15 +190,24 @@ def load_image(
     return Decoded(np.ascontiguousarray(image, np.float32), record)
 
 
+COLOUR_SPREAD = 0.03  # channel spread (max - min, in units of the image's maximum) that counts as colour ...
+COLOUR_SHARE = 0.01  # ... on at least this share of the pixels
+
+
 def is_colour_file(path: str | Path) -> bool:
-    """True when the file holds a colour image whose channels differ somewhere (an RGB file of a grey
-    radiograph counts as grey). DICOM: 3 samples per pixel."""
+    """True when the file holds a colour image: channels that differ by more than `COLOUR_SPREAD` on more
+    than `COLOUR_SHARE` of the pixels. An RGB file of a grey radiograph (JPEG chroma noise included)
+    counts as grey. DICOM: 3 samples per pixel."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "dicom":
         return is_colour_dicom(path)
     arr, _ = read_pillow_array(path, channels=3) if kind == "pillow" else read_itk_array(path, channels=3)
-    return arr.ndim == 3 and bool(np.any(arr[..., 0] != arr[..., 1]) or np.any(arr[..., 0] != arr[..., 2]))
+    if arr.ndim != 3:
+        return False
+    values = arr.astype(np.float32)
+    spread = (values.max(axis=2) - values.min(axis=2)) / max(float(values.max()), 1e-12)
+    return bool((spread > COLOUR_SPREAD).mean() > COLOUR_SHARE)
 
 
 def detect_channels(paths: list[Path], limit: int = 16) -> int:
