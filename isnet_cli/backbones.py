@@ -195,6 +195,7 @@ def replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool, 
     A grey image x repeated to RGB and normalised, (x - m_c) / s_c, gives
     conv(x) = sum_c (W_c / s_c) * x + (b - sum_{c,k} W_c m_c / s_c),
     so the new weights are sum_c W_c / s_c (spread over `in_channels`) and the bias absorbs the means.
+    An RGB input (`in_channels` 3) keeps the pretrained filters per channel: W_c / s_c, same bias.
     (At zero-padded borders the folded conv sees 0 instead of the normalised mean: a one-pixel rim differs.)
     """
     parent, child, conv = _first_conv(model)
@@ -216,7 +217,10 @@ def replace_first_conv(model: nn.Module, in_channels: int, fold_imagenet: bool, 
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             scaled = conv.weight / std
-            new.weight.copy_(scaled.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+            if in_channels == 3:
+                new.weight.copy_(scaled)
+            else:
+                new.weight.copy_(scaled.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
             old_bias = conv.bias.clone() if conv.bias is not None else torch.zeros(conv.out_channels)
             new.bias.copy_(old_bias - (scaled * mean).sum((1, 2, 3)))
     setattr(parent, child, new)

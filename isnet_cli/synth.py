@@ -1,4 +1,5 @@
-"""Synthetic chest-X-ray phantoms with exact lung masks and an optional background shortcut.
+"""Synthetic phantoms with exact region masks and an optional background shortcut: chest X-rays
+(`kind="chest"`, grey) and faces (`kind="faces"`, colour).
 
 Each phantom is a float image in [0, 1] (air dark) built from simple shapes:
 body ellipse (soft tissue) -> two lung fields (dark, rib-like texture) -> mediastinum and heart
@@ -6,6 +7,12 @@ body ellipse (soft tissue) -> two lung fields (dark, rib-like texture) -> medias
 Class 0 (`normal`) has no lesion; class k >= 1 has a lesion inside a lung whose pattern depends on k
 (1: one round opacity, 2: basal haze, 3+: several small nodules). The shortcut marker is a bright
 letter-like glyph in a corner outside the body, so it never touches a lung.
+
+Faces (the analogue in colour, after the paper's facial-attribute experiment): a skin-toned face
+ellipse with eyes, eyebrows and nose on a muted, randomly coloured, textured background; the mask is
+the face. The label is an attribute of the mouth: class 0 (`neutral`) a straight mouth, class 1
+(`smiling`) an upward arc, class 2+ an open (round) mouth. The shortcut marker is a glyph in a
+saturated colour (red) in a top corner, outside the face.
 
 Deterministic for a seed: image i depends only on (seed, i) and its label.
 """
@@ -23,6 +30,9 @@ import numpy as np
 from isnet_cli.errors import InputError
 
 Bias = float | Literal["flip"] | None
+Kind = Literal["chest", "faces"]
+KINDS: tuple[str, ...] = ("chest", "faces")
+DEFAULT_CLASSES: dict[str, tuple[str, ...]] = {"chest": ("normal", "opacity"), "faces": ("neutral", "smiling")}
 
 # 5x5 glyphs ("L", "R", "A"), the kind of side markers burned into real radiographs.
 _GLYPHS = (
@@ -34,7 +44,8 @@ _GLYPHS = (
 
 @dataclass(frozen=True)
 class Phantom:
-    """One generated phantom: `image` float32 (S, S) in [0, 1], `mask` bool (S, S), and what is in it."""
+    """One generated phantom: `image` float32 (S, S) in [0, 1] (faces: (S, S, 3) RGB), `mask` bool (S, S),
+    and what is in it."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -165,9 +176,73 @@ def _lesion(label: int, lung: tuple[Any, ...], yy: np.ndarray, xx: np.ndarray, s
     return lesion
 
 
-def draw_marker(img: np.ndarray, free: np.ndarray, rng: np.random.Generator) -> None:
+def make_face(rng: np.random.Generator, size: int, label: int, marker: bool) -> Phantom:
+    """Draw one colour face phantom (see the module docstring); the mask is the face ellipse."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    # As for the chest: the mouth and the marker draw from their own streams, so the label changes only
+    # the mouth, and two phantoms of one (seed, i) differ only inside the face.
+    mouth_rng, marker_rng = rng.spawn(2)
+
+    # Background: a muted colour with low-frequency colour texture (each channel its own noise).
+    base = np.array([u(0.15, 0.55), u(0.15, 0.55), u(0.15, 0.55)], np.float32)
+    img = np.empty((size, size, 3), np.float32)
+    for c in range(3):
+        img[..., c] = base[c] + 0.08 * _smooth_noise(rng, size, 5)
+
+    # Face: a skin-toned ellipse (tones from pale to dark), lit a little from the top left.
+    cy, cx = s * u(0.52, 0.56), s * u(0.47, 0.53)
+    ry, rx = s * u(0.32, 0.36), s * u(0.24, 0.28)
+    mask = _ellipse(yy, xx, cy, cx, ry, rx)
+    skin = np.array([0.90, 0.70, 0.56], np.float32) * u(0.55, 1.05)
+    shade = 1.0 - 0.12 * ((yy - cy) / ry + (xx - cx) / rx) / 2.0
+    img[mask] = np.clip(skin[None, :] * shade[mask][:, None], 0.0, 1.0)
+
+    # Eyes (dark), eyebrows (hair colour) and a nose shadow: structure shared by every class.
+    hair = np.array([u(0.05, 0.35)] * 3, np.float32) * np.array([1.0, 0.85, 0.7], np.float32)
+    eye_y, eye_dx = cy - ry * u(0.22, 0.30), rx * u(0.36, 0.44)
+    for side in (-1, 1):
+        eye = _ellipse(yy, xx, eye_y, cx + side * eye_dx, s * 0.035, s * 0.05) & mask
+        img[eye] = np.array([0.08, 0.06, 0.05], np.float32)
+        brow = _ellipse(yy, xx, eye_y - s * 0.07, cx + side * eye_dx, s * 0.015, s * 0.065) & mask
+        img[brow] = hair
+    nose = _ellipse(yy, xx, cy + ry * 0.12, cx, s * 0.07, s * 0.025) & mask
+    img[nose] *= 0.85
+
+    # Mouth: the attribute (label), drawn only inside the face.
+    mouth = _mouth(label, yy, xx, cy + ry * mouth_rng.uniform(0.48, 0.56), cx, rx, s, mouth_rng) & mask
+    img[mouth] = np.array([0.55, 0.12, 0.15], np.float32) * float(mouth_rng.uniform(0.8, 1.1))
+
+    img += rng.normal(0.0, 0.012, img.shape).astype(np.float32)
+    if marker:
+        draw_marker(img, ~mask, marker_rng, colour=(0.95, 0.08, 0.08))
+    return Phantom(np.clip(img, 0.0, 1.0).astype(np.float32), mask, label, marker)
+
+
+def _mouth(
+    label: int, yy: np.ndarray, xx: np.ndarray, my: float, cx: float, rx: float, s: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The mouth of class `label`: 0 a straight line, 1 an upward arc (smile), 2+ an open round mouth."""
+    half = rx * float(rng.uniform(0.40, 0.50))
+    thick = max(1.0, s * 0.022)
+    across = np.abs(xx - cx) <= half
+    kind = min(label, 2)
+    if kind == 0:
+        return across & (np.abs(yy - my) <= thick)
+    if kind == 1:  # corners up: y = my - depth (1 - ((x - cx) / half)^2) + depth, depth ~ S/12
+        depth = s * float(rng.uniform(0.07, 0.09))
+        curve = my - depth * (((xx - cx) / half) ** 2)
+        return across & (np.abs(yy - curve) <= thick)
+    return _ellipse(yy, xx, my, cx, s * 0.05, half * 0.6)
+
+
+def draw_marker(
+    img: np.ndarray, free: np.ndarray, rng: np.random.Generator, colour: tuple[float, float, float] | None = None
+) -> None:
     """Burn a bright letter-like glyph ("L", "R", "A"; cell size S/32) into a top corner of `img` in place,
-    only on pixels where `free` is True (outside the body or the lungs)."""
+    only on pixels where `free` is True (outside the body or the lungs). Grey images: a bright level drawn
+    from the stream; colour (S, S, 3) images: `colour`."""
     size = img.shape[0]
     glyph = _GLYPHS[int(rng.integers(0, len(_GLYPHS)))]
     cell = max(1, round(size / 32))
@@ -178,7 +253,9 @@ def draw_marker(img: np.ndarray, free: np.ndarray, rng: np.random.Generator) -> 
     y0 = margin
     x0 = margin if corner == 0 else img.shape[1] - margin - gw
     patch = img[y0 : y0 + gh, x0 : x0 + gw]
-    patch[g & free[y0 : y0 + gh, x0 : x0 + gw]] = float(rng.uniform(0.9, 1.0))
+    level = float(rng.uniform(0.9, 1.0))
+    on = g & free[y0 : y0 + gh, x0 : x0 + gw]
+    patch[on] = level if colour is None else np.array(colour, np.float32) * level
 
 
 def implant_lesion(
@@ -233,7 +310,7 @@ def synthesize(
     n: int = 400,
     size: int = 64,
     bias: Bias = None,
-    classes: Sequence[str] = ("normal", "opacity"),
+    classes: Sequence[str] | None = None,
     fmt: Literal["png", "dcm"] = "png",
     seed: int = 0,
     photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2",
@@ -241,18 +318,23 @@ def synthesize(
     compression: str | None = None,
     contrast: float = 0.22,
     progress: bool = False,
+    kind: Kind = "chest",
 ) -> Path:
     """Write `n` phantoms (balanced classes) to OUT/images, OUT/masks and OUT/manifest.csv; return the manifest.
 
     Manifest columns: image, mask, label (class name), marker (0/1: the shortcut is present).
-    Images are PNG (8-bit, or 16-bit when `bits` > 8) or DICOM (`fmt="dcm"`, see `isnet_cli.io.dicom.write_dicom`);
-    masks are always 8-bit PNG {0, 255}.
+    Chest images are PNG (8-bit, or 16-bit when `bits` > 8) or DICOM (`fmt="dcm"`, see
+    `isnet_cli.io.dicom.write_dicom`); face images RGB PNG or RGB DICOM (`isnet_cli.io.colour`), and
+    `contrast`, `bits` and `photometric` are for chest phantoms only. Masks are always 8-bit PNG {0, 255}.
+    `classes` defaults to the kind's (`DEFAULT_CLASSES`).
     """
     from PIL import Image
 
     from isnet_cli.console import track
 
-    classes = list(classes)
+    if kind not in KINDS:
+        raise InputError(None, f"unknown phantom kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    classes = list(classes) if classes else list(DEFAULT_CLASSES[kind])
     _check_settings(classes, n, size, fmt, bits, compression)
     bias = parse_bias(bias) if isinstance(bias, str) else bias
     out = Path(out)
@@ -266,7 +348,10 @@ def synthesize(
         label = int(labels[i])
         rng = np.random.default_rng([seed, i])
         marker = bool(rng.random() < marker_probability(bias, label))
-        ph = make_phantom(rng, size, label, marker, contrast)
+        if kind == "faces":
+            ph = make_face(rng, size, label, marker)
+        else:
+            ph = make_phantom(rng, size, label, marker, contrast)
         stem = f"{i:05d}_{classes[label]}"
         mask_rel = f"masks/{stem}.png"
         Image.fromarray(ph.mask.astype(np.uint8) * 255).save(out / mask_rel)
@@ -301,6 +386,12 @@ def _write_image(
     """Write one phantom image (PNG, 8 or 16 bit, or DICOM) under OUT/images; its path relative to OUT."""
     from PIL import Image
 
+    if fmt != "png" and image.ndim == 3:
+        from isnet_cli.io.colour import write_colour_dicom
+
+        image_rel = f"images/{stem}.dcm"
+        write_colour_dicom(out / image_rel, image, compression=compression)
+        return image_rel
     if fmt != "png":
         from isnet_cli.io.dicom import write_dicom
 

@@ -37,3 +37,11 @@ def shortcut_runs(tmp_path_factory: pytest.TempPathFactory):
     from tests.shortcut import train_shortcut_runs
 
     return train_shortcut_runs(tmp_path_factory.mktemp("shortcut"))
+
+
+@pytest.fixture(scope="session")
+def colour_shortcut_runs(tmp_path_factory: pytest.TempPathFactory):
+    """The same experiment on colour face phantoms (face masks, red background marker; tests/shortcut.py)."""
+    from tests.shortcut import train_shortcut_runs
+
+    return train_shortcut_runs(tmp_path_factory.mktemp("colour-shortcut"), kind="faces")

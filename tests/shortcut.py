@@ -9,6 +9,10 @@ trained with two seeds, in two processes at once. Three test sets: `test_biased`
 `test_clean` (no marker) and `test_flipped` (marker only in `normal` images). A model that reads the
 marker collapses on the flipped set; a model that looks at the lungs scores the same on all three.
 
+The colour analogue (`kind="faces"`: colour faces whose mouth is the label, face masks, a red marker
+in the background) runs the same recipe with one ISNet seed (`COLOUR_ISNET_SEEDS`) and `--roi-name face`;
+the channels are detected from the data (3).
+
 `train_shortcut_runs(tmp_dir)` returns a `ShortcutRuns` with the run folders and the manifests.
 `score(run_dir, manifest)` gives the accuracy and the mean share of |LRP relevance| (predicted class)
 inside the lung masks.
@@ -27,6 +31,7 @@ N_TRAIN = 400
 N_TEST = 200
 ARCH = "resnet18"
 ISNET_SEEDS = (0, 1)
+COLOUR_ISNET_SEEDS = (0,)
 BASELINE_EPOCHS = 6
 COMMON = dict(arch=ARCH, img_size=SIZE, deterministic=True, no_progress=True, heatmaps=2)
 
@@ -54,7 +59,7 @@ class Score:
     share_inside: float  # mean over images of Σ|R|·mask / Σ|R| for the predicted class
 
 
-def make_phantom_sets(root: Path) -> dict[str, Path]:
+def make_phantom_sets(root: Path, kind: str = "chest") -> dict[str, Path]:
     """Biased training set and the three test sets (different seeds: no image is shared)."""
     from isnet_cli.synth import synthesize
 
@@ -65,7 +70,8 @@ def make_phantom_sets(root: Path) -> dict[str, Path]:
         "test_flipped": ("flip", 103, N_TEST),
     }
     return {
-        name: synthesize(root / name, n=n, size=SIZE, bias=bias, seed=seed) for name, (bias, seed, n) in specs.items()
+        name: synthesize(root / name, n=n, size=SIZE, bias=bias, seed=seed, kind=kind)
+        for name, (bias, seed, n) in specs.items()
     }
 
 
@@ -79,12 +85,16 @@ def _train(options: dict[str, Any]) -> Path:
     return train(TrainConfig(**options)).run_dir
 
 
-def train_shortcut_runs(tmp_dir: Path) -> ShortcutRuns:
+def train_shortcut_runs(tmp_dir: Path, kind: str = "chest") -> ShortcutRuns:
     """Generate the phantoms, train the baseline and the ISNets (about 7 minutes on 2 CPU cores)."""
     tmp_dir = Path(tmp_dir)
-    sets = make_phantom_sets(tmp_dir / "data")
-    where = dict(data=str(sets["train"]), out=str(tmp_dir / "runs"), cache=str(tmp_dir / "cache"))
-    jobs = [dict(COMMON, **where, variant="selective", seed=seed, name=f"isnet-seed{seed}") for seed in ISNET_SEEDS]
+    sets = make_phantom_sets(tmp_dir / "data", kind)
+    where: dict[str, Any] = dict(data=str(sets["train"]), out=str(tmp_dir / "runs"), cache=str(tmp_dir / "cache"))
+    seeds = ISNET_SEEDS
+    if kind == "faces":
+        where["roi_name"] = "face"
+        seeds = COLOUR_ISNET_SEEDS
+    jobs = [dict(COMMON, **where, variant="selective", seed=seed, name=f"isnet-seed{seed}") for seed in seeds]
     jobs.append(dict(COMMON, **where, variant="none", seed=0, epochs=BASELINE_EPOCHS, name="baseline"))
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
         *isnets, baseline = pool.map(_train, jobs)

@@ -87,7 +87,8 @@ def command(
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)
     sheet = out / "audit_worst.png"
-    contact_sheet(sheet, backend, audit_set, per_image, worst_offenders(per_image, worst), summary["fill_values"])
+    offenders = worst_offenders(per_image, worst)
+    contact_sheet(sheet, backend, audit_set, per_image, offenders, summary["fill_values"], backend.contract.roi_name)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -122,5 +123,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out.print(table)
     share = summary["inside_mask_share"]
     if share:
-        out.print(f"|R| inside the lungs: mean {share['mean']:.3f}, median {share['median']:.3f}")
+        out.print(
+            f"|R| inside the {summary.get('roi', 'lungs')}: mean {share['mean']:.3f}, median {share['median']:.3f}"
+        )
     out.print(f"[bold]verdict:[/bold] {escape(summary['verdict'])}")

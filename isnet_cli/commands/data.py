@@ -114,6 +114,13 @@ def check(
 
 @command.command("synth")
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--kind",
+    type=click.Choice(["chest", "faces"]),
+    default="chest",
+    show_default=True,
+    help="chest: grey X-ray phantoms with lung masks; faces: colour faces with face masks, mouth as the label.",
+)
 @click.option("--n", "n", type=click.IntRange(min=1), default=400, show_default=True, help="Number of images.")
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Image side in px.")
 @click.option(
@@ -135,13 +142,16 @@ def check(
     show_default=True,
     help="DICOM transfer syntax (jpegls needs pyjpegls).",
 )
-@click.option("--classes", default="normal,opacity", show_default=True, help="Comma-separated class names.")
+@click.option(
+    "--classes", default=None, help="Comma-separated class names [default: normal,opacity; faces: neutral,smiling]."
+)
 @click.option("--contrast", type=float, default=0.22, show_default=True, help="Lesion peak contrast (0-1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it already holds a manifest.")
 @no_progress_option
 def synth(
     out: Path,
+    kind: str,
     n: int,
     size: int,
     bias: str,
@@ -149,28 +159,31 @@ def synth(
     photometric: str,
     bits: str,
     compression: str,
-    classes: str,
+    classes: str | None,
     contrast: float,
     seed: int,
     overwrite: bool,
     no_progress: bool,
 ) -> None:
-    """Write synthetic chest phantoms with lung masks and a manifest to OUT.
+    """Write synthetic phantoms with region masks and a manifest to OUT.
 
-    Class `normal` has no lesion, `opacity` a faint opacity inside a lung; `--bias` adds a bright
-    letter marker outside the body that correlates with the label (a background shortcut).
+    Chest (default): class `normal` has no lesion, `opacity` a faint opacity inside a lung; `--bias` adds
+    a bright letter marker outside the body that correlates with the label (a background shortcut).
+    Faces (`--kind faces`, colour): the mouth is the label (`neutral` straight, `smiling` an arc), the
+    mask is the face, and the marker a red letter in the background (train with --roi-name face).
 
     \b
     Example:
       isnet data synth data/phantoms --n 400 --size 64 --bias 1.0
       isnet data synth data/dcm --n 8 --format dcm --photometric MONOCHROME1 --bits 16 --compression rle
+      isnet data synth data/faces --kind faces --n 400 --size 64 --bias 1.0
     """
     from isnet_cli.console import console, progress_enabled
-    from isnet_cli.synth import parse_bias, synthesize
+    from isnet_cli.synth import DEFAULT_CLASSES, parse_bias, synthesize
 
     if (out / "manifest.csv").exists() and not overwrite:
         raise click.UsageError(f"{out} already holds a manifest.csv; pass --overwrite or choose another folder")
-    names = [c.strip() for c in classes.split(",") if c.strip()]
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(DEFAULT_CLASSES[kind])
     manifest = synthesize(
         out,
         n=n,
@@ -184,5 +197,6 @@ def synth(
         compression=None if compression == "none" else compression,
         contrast=contrast,
         progress=progress_enabled(no_progress),
+        kind=kind,  # type: ignore[arg-type]
     )
     console.print(f"wrote {n} {fmt} phantoms ({', '.join(names)}; bias {bias}) and masks; manifest: {manifest}")

@@ -92,6 +92,7 @@ def command(
     report = build_report(scored, backend.classes, threshold)
     report["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
     report["data"] = {"path": str(data), "images": len(spec.samples)}
+    report["roi"] = backend.contract.roi_label
     if relevance and report["inside_mask_share"] is None:
         reason = "no masks in the data" if not any(s.mask for s in spec.samples) else "no relevance for this model"
         report["inside_mask_share_note"] = reason
@@ -138,11 +139,15 @@ def _print_report(report: dict[str, Any]) -> None:
     summary.add_row("AUROC (macro, one-vs-rest)", _fmt(report["auroc"]["macro"], report["auroc"]["ci95"]))
     share = report["inside_mask_share"]
     if share:
+        roi = report.get("roi", "lungs")
+        region = "mask" if roi == "lungs" else roi  # X-ray wording unchanged; other data sets name their region
         summary.add_row(
-            "|R| inside mask (mean / median)", f"{share['absolute']['mean']:.3f} / {share['absolute']['median']:.3f}"
+            f"|R| inside {region} (mean / median)",
+            f"{share['absolute']['mean']:.3f} / {share['absolute']['median']:.3f}",
         )
         summary.add_row(
-            "R+ inside mask (mean / median)", f"{share['positive']['mean']:.3f} / {share['positive']['median']:.3f}"
+            f"R+ inside {region} (mean / median)",
+            f"{share['positive']['mean']:.3f} / {share['positive']['median']:.3f}",
         )
     out.print(summary)
     per = Table(title="per class", title_justify="left")

@@ -29,6 +29,16 @@ def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
     return click.option(*decls, default=getattr(_DEFAULTS, field), show_default=True, **attrs)
 
 
+def _parse_channels(_ctx: click.Context, _param: click.Parameter, value: object) -> int | None:
+    """`auto` (or a config's null) -> None (decided from the data), `1`/`3` -> int."""
+    text = "auto" if value is None else str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in ("1", "3"):
+        return int(text)
+    raise click.BadParameter(f"{value!r} is not 1, 3 or auto")
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """--config file.yaml: its keys become the defaults of the other options (the command line wins)."""
     if not value:
@@ -79,6 +89,17 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="Start from torchvision ImageNet weights (downloaded once; normalisation folded into layer 1).",
 )
 @_option("--img-size", type=int, help="Input size (square, pixels).")
+@click.option(
+    "--channels",
+    default="auto",
+    show_default=True,
+    callback=_parse_channels,
+    help="Input channels: 1 (grey; colour files converted), 3 (RGB kept), auto (3 when the images are in colour).",
+)
+@_option(
+    "--roi-name",
+    help="What the masks outline (lung, face, lesion...): the wording of audits, legends and mask columns.",
+)
 @_option("--resize", type=click.Choice(RESIZE_MODES))
 @window_option
 @_option("--augment/--no-augment", help="Small affine + brightness jitter.")

@@ -108,7 +108,7 @@ def _check_sample(sample: Any, window: str, size: int | None, tally: _Tally, mas
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mask = load_mask(sample.mask, decoded.image.shape, True, image=sample.image, segment=mask_segment)
+            mask = load_mask(sample.mask, decoded.image.shape[:2], True, image=sample.image, segment=mask_segment)
     except InputError as exc:
         tally.problem(sample.mask, exc.problem)
         return

@@ -98,12 +98,18 @@ class XrayDataset(Dataset):
         settings = {"v": 1, "size": c.size, "resize": c.resize, "window": c.window, "percentiles": list(c.percentiles)}
         if self.mask_segment is not None:  # another SEG segment is another mask (keys without it are unchanged)
             settings["mask_segment"] = self.mask_segment
+        if c.channels == 3:  # colour files decode differently (RGB kept); grey keys stay as they were
+            settings["colour"] = True
         return settings
 
     def load_arrays(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
-        """(S, S) float32 image in [0, 1] and (S, S) bool mask (or None), from the cache or decoded."""
+        """(S, S) (or colour (S, S, 3)) float32 image in [0, 1] and (S, S) bool mask (or None), cached or decoded."""
         if sample.mask is None and self.require_masks:
-            raise InputError(sample.image, "no mask for this image", "training needs a lung mask for every image")
+            raise InputError(
+                sample.image,
+                "no mask for this image",
+                f"training needs a {self.contract.roi_name} mask for every image",
+            )
         key = None
         if self.cache is not None:
             key = cache_key(sample.image, sample.mask, self.cache_settings())
@@ -111,11 +117,15 @@ class XrayDataset(Dataset):
             if hit is not None:
                 return hit["image"], hit.get("mask")
         c = self.contract
-        decoded = load_image(sample.image, window=c.window, percentiles=c.percentiles)
+        decoded = load_image(sample.image, window=c.window, percentiles=c.percentiles, channels=c.channels)
         mask = None
         if sample.mask is not None:
             mask = load_mask(
-                sample.mask, decoded.image.shape, self.require_masks, image=sample.image, segment=self.mask_segment
+                sample.mask,
+                decoded.image.shape[:2],
+                self.require_masks,
+                image=sample.image,
+                segment=self.mask_segment,
             )
         self.decode_count += 1
         image, rmask, _ = resize_pair(decoded.image, mask, c.size, c.resize)

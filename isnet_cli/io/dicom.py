@@ -73,7 +73,7 @@ def _check_supported(path: Path, ds: Any) -> None:
         raise InputError(
             path,
             f"colour DICOM ({photometric or '?'}, {samples} samples per pixel) is not supported",
-            "give a greyscale radiograph (MONOCHROME1/2)",
+            "give a greyscale radiograph (MONOCHROME1/2), or train a colour model (isnet train --channels 3)",
         )
 
 

@@ -1,5 +1,8 @@
 """Turn any supported image file into a float32 (H, W) image in [0, 1], air dark, plus a record.
 
+With `channels=3` colour files stay in colour, (H, W, 3) RGB (colour DICOM via `isnet_cli.io.colour`);
+grey files stay (H, W) and are repeated over the channels by the preprocessing.
+
 Dispatch by content and suffix: DICOM (`isnet_cli.io.dicom`), PNG/JPEG/TIFF/BMP (Pillow),
 NIfTI/MHA/MHD/NRRD (SimpleITK, 2-D only); the `Decoded` record and the helpers both readers share are
 in `isnet_cli.io.decoded`. Every decision lands in `Decoded.record`, which
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from isnet_cli.errors import InputError
+from isnet_cli.io.colour import is_colour_dicom, read_colour_dicom
 from isnet_cli.io.contract import WINDOW_POLICIES
 from isnet_cli.io.decoded import Decoded, brief, has_dicom_magic, scale_range
 from isnet_cli.io.dicom import read_dicom
@@ -70,16 +74,31 @@ def to_grey(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
     """(H, W, C) -> (H, W) by ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B); alpha dropped."""
     if arr.ndim == 2:
         return arr, None
-    if arr.shape[2] in (2, 4):  # grey+alpha / RGBA
-        arr = arr[..., :-1]
+    arr = drop_alpha(arr)
     if arr.shape[2] == 1:
         return arr[..., 0], None
     weights = np.array([0.299, 0.587, 0.114], np.float64)
     return (arr[..., :3].astype(np.float64) @ weights).astype(arr.dtype), "RGB -> grey (0.299 R + 0.587 G + 0.114 B)"
 
 
-def read_pillow_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Raw pixel array of a PNG/JPEG/TIFF/BMP (grey; colour converted), and its mode."""
+def drop_alpha(arr: np.ndarray) -> np.ndarray:
+    """(H, W, C) without its alpha channel (grey+alpha, RGBA)."""
+    return arr[..., :-1] if arr.shape[2] in (2, 4) else arr
+
+
+def keep_colour(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """(H, W, C) -> (H, W, 3) RGB (alpha dropped); grey stays (H, W): the input repeats it per channel."""
+    if arr.ndim == 2:
+        return arr, None
+    arr = drop_alpha(arr)
+    if arr.shape[2] == 1:
+        return arr[..., 0], None
+    return np.ascontiguousarray(arr[..., :3]), "RGB kept"
+
+
+def read_pillow_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+    """Raw pixel array of a PNG/JPEG/TIFF/BMP and its mode: grey (colour converted) or, with
+    `channels=3`, (H, W, 3) RGB for colour files."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -95,15 +114,16 @@ def read_pillow_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(path, f"cannot read image ({brief(exc)})") from None
-    arr, converted = to_grey(arr)
+    arr, converted = keep_colour(arr) if channels == 3 else to_grey(arr)
     record: dict[str, Any] = {"format": "pillow", "mode": mode}
     if converted:
         record["colour"] = converted
     return arr, record
 
 
-def read_itk_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Raw 2-D pixel array of a NIfTI/MHA/NRRD file; singleton dimensions squeezed, anything else refused."""
+def read_itk_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+    """Raw 2-D pixel array of a NIfTI/MHA/NRRD file; singleton dimensions squeezed, anything else refused.
+    Vector pixels become grey, or stay RGB with `channels=3`."""
     import SimpleITK as sitk
 
     try:
@@ -117,20 +137,26 @@ def read_itk_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         "itk_pixel_type": img.GetPixelIDTypeAsString(),
         "dims": img.GetDimension(),
     }
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        arr, converted = to_grey(arr)
+    colour = img.GetNumberOfComponentsPerPixel() > 1
+    if colour:
+        arr, converted = keep_colour(arr) if channels == 3 else to_grey(arr)
         if converted:
             record["colour"] = converted
     arr = np.squeeze(arr)
-    if arr.ndim != 2:
+    if arr.ndim != 2 and not (colour and arr.ndim == 3 and arr.shape[2] == 3):
         raise InputError(path, f"image has shape {list(arr.shape)}: only 2-D images are supported", "save one slice")
     return arr, record
 
 
 def load_image(
-    path: str | Path, window: str = "dicom-window", percentiles: tuple[float, float] = (0.5, 99.5)
+    path: str | Path,
+    window: str = "dicom-window",
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    channels: int = 1,
 ) -> Decoded:
     """Any supported file -> `Decoded` (float32 (H, W) in [0, 1], air dark, plus a record). Raises InputError.
+
+    `channels=3`: colour files give (H, W, 3) RGB in [0, 1] (each channel scaled like grey data).
 
     Scaling: unsigned 8-bit: v / 255; deeper unsigned integers: see `scale_unsigned`; signed or float
     data (NIfTI/MHA): min-max, or percentiles with `window="percentile"`; DICOM: see `isnet_cli.io.dicom`.
@@ -141,9 +167,11 @@ def load_image(
         raise InputError(path, "file not found" if not path.exists() else "not a file")
     kind = detect_format(path)
     if kind == "dicom":
+        if channels == 3 and is_colour_dicom(path):
+            return read_colour_dicom(path)
         return read_dicom(path, window=window, percentiles=percentiles)
-    arr, record = read_pillow_array(path) if kind == "pillow" else read_itk_array(path)
-    if arr.size == 0 or min(arr.shape) < 2:
+    arr, record = read_pillow_array(path, channels) if kind == "pillow" else read_itk_array(path, channels)
+    if arr.size == 0 or min(arr.shape[:2]) < 2:
         raise InputError(path, f"image is too small ({'x'.join(map(str, arr.shape))})")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
@@ -160,3 +188,35 @@ def load_image(
     record.update(scaling)
     record.update({"path": str(path), "shape": list(image.shape), "window_policy": window, "inverted": False})
     return Decoded(np.ascontiguousarray(image, np.float32), record)
+
+
+COLOUR_SPREAD = 0.03  # channel spread (max - min, in units of the image's maximum) that counts as colour ...
+COLOUR_SHARE = 0.01  # ... on at least this share of the pixels
+
+
+def is_colour_file(path: str | Path) -> bool:
+    """True when the file holds a colour image: channels that differ by more than `COLOUR_SPREAD` on more
+    than `COLOUR_SHARE` of the pixels. An RGB file of a grey radiograph (JPEG chroma noise included)
+    counts as grey. DICOM: 3 samples per pixel."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "dicom":
+        return is_colour_dicom(path)
+    arr, _ = read_pillow_array(path, channels=3) if kind == "pillow" else read_itk_array(path, channels=3)
+    if arr.ndim != 3:
+        return False
+    values = arr.astype(np.float32)
+    spread = (values.max(axis=2) - values.min(axis=2)) / max(float(values.max()), 1e-12)
+    return bool((spread > COLOUR_SPREAD).mean() > COLOUR_SHARE)
+
+
+def detect_channels(paths: list[Path], limit: int = 16) -> int:
+    """Input channels for a data set: 3 when any of its first `limit` images is in colour, else 1.
+    Unreadable files count as grey here: the training's file check reports them."""
+    for path in paths[:limit]:
+        try:
+            if is_colour_file(path):
+                return 3
+        except InputError:
+            continue
+    return 1

@@ -2,8 +2,8 @@
 
 letterbox: scale s = size / max(H, W) (aspect kept), resized (h, w) = round(H s), round(W s), centred,
 padded with 0 (air); stretch: each axis scaled to `size`. Images are resized with Pillow's bilinear
-filter (antialiased when shrinking), masks with nearest neighbour. Then x = low + (high - low) v,
-repeated over `channels`.
+filter (antialiased when shrinking), masks with nearest neighbour. Then x = low + (high - low) v:
+a grey (H, W) image is repeated over `channels`, a colour (H, W, 3) one becomes its 3 channels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from isnet_cli.io.masks import load_mask, resize_nearest
 @dataclass
 class Prepared:
     """`x` float32 (C, S, S) in [low, high]; `mask` float32 (1, S, S) in {0, 1} or None;
-    `record` decode + resize record; `image` the decoded (H, W) image before resizing."""
+    `record` decode + resize record; `image` the decoded (H, W) or (H, W, 3) image before resizing."""
 
     x: np.ndarray
     mask: np.ndarray | None
@@ -31,9 +31,12 @@ class Prepared:
 
 
 def resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Float (H, W) -> float32 `shape` with Pillow's bilinear filter (antialiased when shrinking)."""
+    """Float (H, W) -> float32 `shape` with Pillow's bilinear filter (antialiased when shrinking);
+    (H, W, C) images channel by channel."""
     from PIL import Image
 
+    if image.ndim == 3:
+        return np.stack([resize_bilinear(image[..., c], shape) for c in range(image.shape[2])], axis=-1)
     if image.shape == tuple(shape):
         return image.astype(np.float32, copy=False)
     resized = Image.fromarray(np.ascontiguousarray(image, np.float32), mode="F").resize(
@@ -66,11 +69,12 @@ def resize_geometry(shape: tuple[int, int], size: int, mode: str) -> dict[str, A
 def resize_pair(
     image: np.ndarray, mask: np.ndarray | None, size: int, mode: str
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """(H, W) image in [0, 1] (+ bool mask) -> (size, size) float32 image (+ bool mask), and the geometry."""
-    geo = resize_geometry(image.shape, size, mode)
+    """(H, W) or (H, W, 3) image in [0, 1] (+ bool mask) -> (size, size[, 3]) float32 image (+ bool mask),
+    and the geometry."""
+    geo = resize_geometry(image.shape[:2], size, mode)
     rh, rw = geo["resized_shape"]
     top, left = geo["pad"]
-    out = np.zeros((size, size), np.float32)
+    out = np.zeros((size, size, *image.shape[2:]), np.float32)
     out[top : top + rh, left : left + rw] = resize_bilinear(image, (rh, rw)).clip(0.0, 1.0)
     out_mask = None
     if mask is not None:
@@ -80,15 +84,19 @@ def resize_pair(
 
 
 def to_input(image: np.ndarray, contract: InputContract) -> np.ndarray:
-    """(S, S) in [0, 1] -> (C, S, S) float32 in [low, high]."""
+    """(S, S) or (S, S, 3) in [0, 1] -> (C, S, S) float32 in [low, high] (grey repeated over C)."""
     x = contract.low + (contract.high - contract.low) * image.astype(np.float32)
+    if x.ndim == 3:
+        if contract.channels != x.shape[2]:
+            raise ValueError(f"a {x.shape[2]}-channel image for a {contract.channels}-channel contract")
+        return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
     return np.repeat(x[None], contract.channels, axis=0).astype(np.float32)
 
 
 def preprocess_array(
     image: np.ndarray, mask: np.ndarray | None, contract: InputContract
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Decoded (H, W) image in [0, 1] (+ bool mask) -> (x (C,S,S), mask (1,S,S) float32 or None, resize record)."""
+    """Decoded (H, W[, 3]) image in [0, 1] (+ bool mask) -> (x (C,S,S), mask (1,S,S) float32 or None, resize record)."""
     resized, rmask, geo = resize_pair(image, mask, contract.size, contract.resize)
     m = None if rmask is None else rmask[None].astype(np.float32)
     return to_input(resized, contract), m, geo
@@ -105,10 +113,10 @@ def preprocess_file(
 
     `mask_segment`: the segment label to use when the mask is a DICOM SEG (default: its lung segments).
     """
-    decoded = load_image(path, window=contract.window, percentiles=contract.percentiles)
+    decoded = load_image(path, window=contract.window, percentiles=contract.percentiles, channels=contract.channels)
     mask = None
     if mask_path is not None:
-        mask = load_mask(mask_path, decoded.image.shape, mask_required, image=path, segment=mask_segment)
+        mask = load_mask(mask_path, decoded.image.shape[:2], mask_required, image=path, segment=mask_segment)
     x, m, geo = preprocess_array(decoded.image, mask, contract)
     return Prepared(x=x, mask=m, record={**decoded.record, **geo}, image=decoded.image)
 

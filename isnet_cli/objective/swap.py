@@ -6,13 +6,14 @@ For a batch x (B, C, H, W) with lung masks M and a partner π(i) drawn uniformly
     x'_i = x_i ⊙ M_i + (1 − M_i) ⊙ (x_π(i) ⊙ (1 − M_π(i)) + f ⊙ M_π(i)),
 
 its own lungs in the partner's background; where the partner's lungs fall in our background they are
-filled with f, the mean background intensity of the batch (the formula of `isnet audit`'s background
-swap). Each sample is swapped with probability `p`; its label is kept. The partner is drawn with
-replacement and may be the sample itself (which leaves it unchanged): the class of the background's
-owner then follows the batch's class frequencies whatever the sample's own class, so the background
-carries no information about the label. Excluding itself would make a background from the same
-class rarer than from another, a small anti-correlation (1/(B-1)) a model can learn (measured: on
-the flipped phantoms, accuracy up to 7 points above that on clean ones).
+filled with f, the mean background intensity of the batch, per channel (the formula of `isnet audit`'s
+background swap; a colour background is filled with its mean colour). Each sample is swapped with
+probability `p`; its label is kept. The partner is drawn with replacement and may be the sample itself
+(which leaves it unchanged): the class of the background's owner then follows the batch's class
+frequencies whatever the sample's own class, so the background carries no information about the label.
+Excluding itself would make a background from the same class rarer than from another, a small
+anti-correlation (1/(B-1)) a model can learn (measured: on the flipped phantoms, accuracy up to 7 points
+above that on clean ones).
 
 Why an ISNet needs it: LRP (like every attribution of the active path) gives no relevance to a unit
 that a background feature switches *off*. A network trained on data whose background marker goes with
@@ -38,7 +39,8 @@ def swap_backgrounds(x: torch.Tensor, mask: torch.Tensor, p: float, generator: t
     partner = torch.randint(0, b, (b,), generator=generator).to(device)
     m = mask.to(x.dtype)
     background = 1.0 - m
-    fill = (x * background).sum() / background.expand_as(x).sum().clamp(min=1.0)
+    dims = (0, 2, 3)  # per channel: the mean background colour of the batch
+    fill = (x * background).sum(dims, keepdim=True) / background.expand_as(x).sum(dims, keepdim=True).clamp(min=1.0)
     other, other_m = x[partner], m[partner]
     swapped = x * m + background * (other * (1.0 - other_m) + fill * other_m)
     return torch.where(chosen.view(b, 1, 1, 1), swapped, x)

@@ -9,7 +9,10 @@ For every image with a lung mask M (model input x, values per the model's input 
   `background_swap`: the background of an image of another class (true label, else predicted class;
   partner drawn with seed 0); where the partner's own lungs fall in our background, the mean is used;
 - lungs hidden, background kept (`lungs_hidden`: x' = x (1 - M) + mean lung intensity of the set M).
-A flip is a change of the predicted class. The verdict uses the constants below.
+The means are per channel (a colour background is filled with its mean colour), the blur channel by
+channel. A flip is a change of the predicted class. The verdict uses the constants below. "Lungs" is
+the mask's region: the model's contract names it (`roi_name`), and the verdict and the report use that
+name ("region of interest (face)") for data sets that are not chest X-rays.
 """
 
 from __future__ import annotations
@@ -73,22 +76,24 @@ def perturb(
     kind: str,
     x: np.ndarray,
     m: np.ndarray,
-    fills: dict[str, float],
+    fills: dict[str, Any],
     sigma: float,
     other: np.ndarray | None = None,
     other_m: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One counterfactual batch (see the module docstring for the formulas)."""
+    """One counterfactual batch (see the module docstring for the formulas); `fills`: per channel (C,), or
+    one number for every channel (audit.json's `fill_values`)."""
     bg = 1.0 - m
+    background, lungs = (np.asarray(fills[k], np.float32).reshape(1, -1, 1, 1) for k in ("background", "lungs"))
     if kind == "background_mean":
-        return x * m + fills["background"] * bg
+        return x * m + background * bg
     if kind == "background_blur":
         return x * m + blur(x, sigma) * bg
     if kind == "background_swap":
         assert other is not None and other_m is not None
-        return x * m + bg * (other * (1.0 - other_m) + fills["background"] * other_m)
+        return x * m + bg * (other * (1.0 - other_m) + background * other_m)
     if kind == "lungs_hidden":
-        return x * bg + fills["lungs"] * m
+        return x * bg + lungs * m
     raise ValueError(kind)
 
 
@@ -97,10 +102,26 @@ def _batched_probs(backend: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, len(backend.classes)))
 
 
-def verdict(share: float | None, swap_flip: float | None) -> str:
-    """One line: what the numbers say, with the thresholds used."""
+def channel_fills(x: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean background and mean in-mask value of the set, per channel: (C,) each."""
+    inside = np.broadcast_to(m.astype(bool), x.shape)
+    count_in = np.maximum(inside.sum(axis=(0, 2, 3)), 1)
+    count_out = np.maximum((~inside).sum(axis=(0, 2, 3)), 1)
+    return {
+        "background": (np.where(inside, 0.0, x).sum(axis=(0, 2, 3)) / count_out).astype(np.float32),
+        "lungs": (np.where(inside, x, 0.0).sum(axis=(0, 2, 3)) / count_in).astype(np.float32),
+    }
+
+
+def fill_record(fills: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
+    """audit.json's fill values: one number per fill for grey models, a list per channel for colour ones."""
+    return {k: float(v[0]) if len(v) == 1 else [float(c) for c in v] for k, v in fills.items()}
+
+
+def verdict(share: float | None, swap_flip: float | None, roi: str = "lungs") -> str:
+    """One line: what the numbers say, with the thresholds used; `roi` names the masked region."""
     rule = (
-        f"looks at the lungs if inside share >= {LUNGS_MIN_SHARE} and swap flip rate <= {LUNGS_MAX_SWAP_FLIP}; "
+        f"looks at the {roi} if inside share >= {LUNGS_MIN_SHARE} and swap flip rate <= {LUNGS_MAX_SWAP_FLIP}; "
         f"uses the background if share < {SHORTCUT_MAX_SHARE} or swap flip rate > {SHORTCUT_MIN_SWAP_FLIP}"
     )
     if swap_flip is None and share is None:
@@ -111,7 +132,7 @@ def verdict(share: float | None, swap_flip: float | None) -> str:
         swap_flip is not None and swap_flip > SHORTCUT_MIN_SWAP_FLIP
     )
     if share_ok and swap_ok:
-        result = "looks at the lungs"
+        result = f"looks at the {roi}"
     elif shortcut:
         result = "uses the background (shortcut)"
     else:
@@ -129,8 +150,7 @@ def run_audit(
     step = on_step or (lambda _: None)
     x, m, labels = audit_set.x, audit_set.masks, audit_set.labels
     sigma = max(1.0, x.shape[-1] * BLUR_SIGMA_FRACTION)
-    xs = x.mean(axis=1, keepdims=True)  # intensity, whatever the channel count
-    fills = {"background": float(xs[~m.astype(bool)].mean()), "lungs": float(xs[m.astype(bool)].mean())}
+    fills = channel_fills(x, m)
     probs0 = _batched_probs(backend, x, batch_size)
     pred0 = probs0.argmax(axis=1)
     step("original")
@@ -141,7 +161,9 @@ def run_audit(
     for kind in PERTURBATIONS:
         results[kind] = _counterfactual(backend, kind, audit_set, partners, fills, sigma, batch_size, probs0)
         step(kind)
-    summary = _summary(backend.classes, audit_set, share, results, probs0, fills, sigma)
+    contract = getattr(backend, "contract", None)
+    roi = contract.roi_label if contract is not None else "lungs"
+    summary = _summary(backend.classes, audit_set, share, results, probs0, fills, sigma, roi)
     return summary, _per_image(backend.classes, audit_set, share, results, probs0, partners)
 
 
@@ -161,7 +183,7 @@ def _counterfactual(
     kind: str,
     audit_set: AuditSet,
     partners: np.ndarray,
-    fills: dict[str, float],
+    fills: dict[str, np.ndarray],
     sigma: float,
     batch_size: int,
     probs0: np.ndarray,
@@ -195,8 +217,9 @@ def _summary(
     share: np.ndarray,
     results: dict[str, dict[str, Any]],
     probs0: np.ndarray,
-    fills: dict[str, float],
+    fills: dict[str, np.ndarray],
     sigma: float,
+    roi: str = "lungs",
 ) -> dict[str, Any]:
     """The audit.json summary: shares, flip rates, accuracies, the settings used and the verdict."""
     labels = audit_set.labels
@@ -211,6 +234,7 @@ def _summary(
     return {
         "n": len(audit_set.x),
         "classes": classes,
+        "roi": roi,
         "inside_mask_share": {
             "mean": share_mean,
             "median": float(np.nanmedian(share)) if np.isfinite(share).any() else None,
@@ -227,14 +251,14 @@ def _summary(
         }
         if known.any()
         else None,
-        "fill_values": fills,
+        "fill_values": fill_record(fills),
         "blur_sigma_px": sigma,
         "swap_partner": "random image of another class (true label if every image has one, else predicted), seed 0",
         "thresholds": {
             "looks_at_lungs": {"min_inside_share": LUNGS_MIN_SHARE, "max_swap_flip_rate": LUNGS_MAX_SWAP_FLIP},
             "uses_background": {"max_inside_share": SHORTCUT_MAX_SHARE, "min_swap_flip_rate": SHORTCUT_MIN_SWAP_FLIP},
         },
-        "verdict": verdict(share_mean, swap_flip),
+        "verdict": verdict(share_mean, swap_flip, roi),
     }
 
 
@@ -295,9 +319,11 @@ def contact_sheet(
     audit_set: AuditSet,
     per_image: list[dict[str, Any]],
     indices: list[int],
-    fills: dict[str, float],
+    fills: dict[str, Any],
+    roi_name: str = "lung",
 ) -> None:
-    """PNG: per offender the input with the lung contour, its LRP heatmap (if any) and the swapped input."""
+    """PNG: per offender the input (in colour for colour models) with the mask contour, its LRP heatmap
+    (if any) and the swapped input."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,14 +337,13 @@ def contact_sheet(
     fig, axes = plt.subplots(len(indices), cols, figsize=(2.6 * cols, 2.7 * len(indices)), squeeze=False)
     for row, i in enumerate(indices):
         info = per_image[i]
-        img = x[row].mean(axis=0)
         ax = axes[row][0]
-        ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(img.max()), 1e-6))
+        _show_input(ax, x[row])
         ax.contour(m[row, 0], levels=[0.5], colors="lime", linewidths=0.8)
         share = info["inside_mask_share"]
         ax.set_title(
             f"{Path(info['file']).name}\npred {info['predicted']} (true {info['label']})"
-            + (f"\nin-lung |R| {share:.2f}" if share is not None else ""),
+            + (f"\nin-{roi_name} |R| {share:.2f}" if share is not None else ""),
             fontsize=7,
         )
         if relevance is not None:
@@ -340,7 +365,7 @@ def contact_sheet(
                 audit_set.x[j : j + 1],
                 audit_set.masks[j : j + 1],
             )
-            ax.imshow(swapped[0].mean(axis=0), cmap="gray")
+            _show_input(ax, swapped[0])
             ax.set_title(
                 f"background swapped\npred {swap['predicted']}" + (" (FLIP)" if swap["flipped"] else ""), fontsize=7
             )
@@ -349,6 +374,16 @@ def contact_sheet(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _show_input(ax: Any, x: np.ndarray) -> None:
+    """Draw one (C, S, S) model input: RGB for 3 channels, grey (mean over channels) otherwise."""
+    if x.shape[0] == 3:
+        lo, hi = float(x.min()), float(x.max())
+        ax.imshow(((x - lo) / max(hi - lo, 1e-6)).transpose(1, 2, 0))
+        return
+    img = x.mean(axis=0)
+    ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(img.max()), 1e-6))
 
 
 def load_audit_set(
@@ -362,7 +397,9 @@ def load_audit_set(
         for sample, prepared in batch:
             problem = prepared if isinstance(prepared, Exception) else None
             if problem is None and (prepared.mask is None or not prepared.mask.any()):
-                problem = InputError(sample.mask, "mask is empty", "audit needs a lung mask for every image")
+                problem = InputError(
+                    sample.mask, "mask is empty", f"audit needs a {contract.roi_name} mask for every image"
+                )
             if problem is not None:
                 if fail_fast:
                     raise problem
@@ -375,7 +412,9 @@ def load_audit_set(
         if on_batch is not None:
             on_batch(len(batch))
     if not files:
-        raise InputError(None, "no image with a usable lung mask", "audit needs a manifest with a mask column")
+        raise InputError(
+            None, f"no image with a usable {contract.roi_name} mask", "audit needs a manifest with a mask column"
+        )
     audit_set = AuditSet(files, np.stack(xs), np.stack(ms).astype(np.float32), np.array(labels, dtype=np.int64))
     return audit_set, failed, len(samples) - len(masked)
 

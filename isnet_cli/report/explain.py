@@ -324,14 +324,26 @@ def explain_many(
             mask_path = mask or getattr(sample, "mask", None)
             exp = explain_file(explainer, sample.image, resolved, mask=mask_path, mask_segment=mask_segment)
             figure = single_out if single_out is not None else out_dir / f"{name}.{fmt}"
+            roi_label = explainer.contract.roi_label
             if fmt == "dcm":
                 png = render_heatmap(
-                    exp.image, exp.relevance, mask=exp.mask, title=caption_of(exp), side_by_side=side_by_side
+                    exp.image,
+                    exp.relevance,
+                    mask=exp.mask,
+                    title=caption_of(exp),
+                    side_by_side=side_by_side,
+                    roi_label=roi_label,
                 )
                 write_secondary_capture(figure, sample.image, figure_rgb(png), _derivation(exp), anonymize, series)
             else:
                 render_heatmap(
-                    exp.image, exp.relevance, figure, mask=exp.mask, title=title_of(exp), side_by_side=side_by_side
+                    exp.image,
+                    exp.relevance,
+                    figure,
+                    mask=exp.mask,
+                    title=title_of(exp),
+                    side_by_side=side_by_side,
+                    roi_label=roi_label,
                 )
             exp.png = str(figure)
             raw = single_raw if single_raw is not None else (raw_dir / f"{name}.npy" if raw_dir else None)

@@ -1,9 +1,10 @@
-"""Heatmap figures: the X-ray in grey with LRP relevance overlaid (matplotlib, Agg canvas, no pyplot).
+"""Heatmap figures: the image (grey X-ray, or in colour) with LRP relevance overlaid (matplotlib, Agg, no pyplot).
 
 Relevance uses a symmetric diverging map centred at zero (positive red, negative blue, zero
 transparent), clipped at the 99th percentile of |R| so one hot pixel does not wash out the rest;
-the overlay's opacity grows with |R|, so the anatomy stays visible where relevance is small. A lung
-mask, when given, is drawn as a contour. The image panel keeps the X-ray's aspect ratio and a
+the overlay's opacity grows with |R|, so the anatomy stays visible where relevance is small. A mask,
+when given, is drawn as a contour with a legend naming its region ("lungs", or "region of interest
+(face)" for other data sets). The image panel keeps the X-ray's aspect ratio and a
 deterministic pixel size (`panel_shape`), so figures of one dataset line up.
 """
 
@@ -61,23 +62,25 @@ def render_heatmap(
     title: str = "",
     side_by_side: bool = False,
     percentile: float = 99.0,
+    roi_label: str = "lungs",
 ) -> bytes:
     """Draw the overlay figure; write it atomically to `out` (if given) and return the PNG bytes.
 
-    `image`: (H, W) in [0, 1]; `relevance`: (H, W), same shape; `mask`: (H, W) bool or None.
-    With `side_by_side` the plain X-ray is shown left of the overlay.
+    `image`: (H, W) grey or (H, W, 3) RGB in [0, 1]; `relevance`: (H, W); `mask`: (H, W) bool or None,
+    its contour labelled `roi_label`. With `side_by_side` the plain image is shown left of the overlay.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     from isnet_cli.io.masks import resize_nearest
     from isnet_cli.io.preprocess import resize_bilinear
 
-    if image.shape != relevance.shape:
+    if image.shape[:2] != relevance.shape:
         raise ValueError(f"image {image.shape} and relevance {relevance.shape} differ in shape")
-    h, w = image.shape
+    h, w = relevance.shape
     ph, pw = panel_shape(h, w)
     fh, fw = figure_shape(h, w, side_by_side)
     relevance = np.nan_to_num(relevance.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -93,13 +96,18 @@ def render_heatmap(
     axes = []
     for i in range(panels):
         ax = fig.add_axes((i * pw / fw, 0.0, pw / fw, ph / fh))
-        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", aspect="auto")
+        if image.ndim == 3:
+            ax.imshow(np.clip(image, 0.0, 1.0), interpolation="bilinear", aspect="auto")
+        else:
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", aspect="auto")
         ax.set_axis_off()
         axes.append(ax)
     axes[-1].imshow(overlay_rgba(relevance, vmax), interpolation="bilinear", aspect="auto")
     if mask is not None and mask.any() and not mask.all():
         for ax in axes:
             ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
+        legend = [Line2D([], [], color=MASK_COLOUR, linewidth=1.2, label=roi_label)]
+        axes[-1].legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.6)
     cax = fig.add_axes(((panels * pw + 18) / fw, 0.08 * ph / fh, 16 / fw, 0.84 * ph / fh))
     bar = fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), cmap=CMAP), cax=cax)
     bar.set_label("relevance (clipped at p99 |R|)", fontsize=8)

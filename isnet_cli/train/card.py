@@ -59,6 +59,7 @@ def _what_and_input(meta: dict[str, Any], run_dir: Path) -> list[str]:
         f"- {contract.get('channels', 1)} channel(s), {contract.get('size')} x {contract.get('size')} px, "
         f"resize `{contract.get('resize')}`, DICOM window `{contract.get('window')}`, values in "
         f"[{contract.get('low', 0.0)}, {contract.get('high', 1.0)}] (air dark).",
+        f"- Training masks outline the region of interest: {contract.get('roi_name', 'lung')}.",
         "- `isnet predict/explain/evaluate` apply this preprocessing from the checkpoint automatically.",
     ]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from isnet_cli.errors import InputError
-from isnet_cli.io.contract import InputContract
+from isnet_cli.io.contract import CHANNELS, InputContract
 from isnet_cli.objective.settings import METHODS, VARIANTS, HeatmapLossParams, ObjectiveSettings, uses_heatmap_loss
 from isnet_cli.objective.tuning import parse_cut
 
@@ -42,6 +42,8 @@ class TrainConfig:
     arch: str = "densenet121"
     pretrained: bool = False
     img_size: int = 224
+    channels: int | None = None  # None: auto, 3 when the training images are in colour (`detect_channels`)
+    roi_name: str = "lung"
     resize: str = "letterbox"
     window: str = "dicom-window"
     augment: bool = False
@@ -101,6 +103,8 @@ class TrainConfig:
             ("E", self.E > 0, "a positive number"),
             ("eps", self.eps >= 0, "a non-negative number"),
             ("img-size", self.img_size >= 8, "at least 8"),
+            ("channels", self.channels is None or self.channels in CHANNELS, "1 or 3 (or auto)"),
+            ("roi-name", bool(self.roi_name.strip()), "a name for what the masks outline, e.g. lung or face"),
             ("batch-size", self.batch_size >= 2, "at least 2 (batch norm needs two samples)"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("lr", self.lr > 0, "a positive number"),
@@ -139,8 +143,15 @@ class TrainConfig:
         return uses_heatmap_loss(self.method, self.variant)
 
     def contract(self) -> InputContract:
-        """The input contract of the trained model (recorded in its checkpoints)."""
-        return InputContract(size=self.img_size, channels=1, resize=self.resize, window=self.window)
+        """The input contract of the trained model (recorded in its checkpoints); `channels` auto (None)
+        is resolved from the data before training (`isnet_cli.train.data.prepare_data`), 1 until then."""
+        return InputContract(
+            size=self.img_size,
+            channels=self.channels or 1,
+            resize=self.resize,
+            window=self.window,
+            roi_name=self.roi_name,
+        )
 
     def objective_settings(self) -> ObjectiveSettings:
         """The per-batch loss's parameters; the LRP zB bounds are the contract's value range."""

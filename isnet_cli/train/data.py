@@ -18,6 +18,7 @@ from isnet_cli.errors import InputError, IsnetError
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
 from isnet_cli.io.dataset import XrayDataset, read_dataset, split_samples
+from isnet_cli.io.images import detect_channels
 from isnet_cli.train.config import TrainConfig
 from isnet_cli.train.stop import ignore_sigint
 
@@ -85,6 +86,8 @@ def prepare_data(cfg: TrainConfig) -> DataBundle:
         raise InputError(cfg.data, f"training needs at least two classes, found {classes}", "check the label column")
     _check_labels(spec.samples, classes, cfg.data, cfg.needs_masks)
     train, val, val_source = _split(cfg, list(spec.samples), classes)
+    if cfg.channels is None:  # auto: colour data sets train colour models; recorded in config and contract
+        cfg.channels = detect_channels([s.image for s in train])
     if not val:
         raise InputError(cfg.data, "the validation split is empty", "pass --val DATA or use more images")
     if len(train) < cfg.batch_size:

@@ -200,7 +200,8 @@ def plot_steps(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def heatmap_grid(
     path: Path, images: np.ndarray, relevance: np.ndarray, masks: np.ndarray, titles: Sequence[str]
 ) -> None:
-    """A row per sample: image with the lung outline, and the signed relevance (red +, blue -)."""
+    """A row per sample: image (grey (S, S) or RGB (S, S, 3)) with the mask outline, and the signed
+    relevance (red +, blue -)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +210,10 @@ def heatmap_grid(
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     for i in range(n):
-        axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        if images[i].ndim == 3:
+            axes[0, i].imshow(np.clip(images[i], 0.0, 1.0))
+        else:
+            axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
         if masks[i].any():
             axes[0, i].contour(masks[i], levels=[0.5], colors="lime", linewidths=0.8)
         axes[0, i].set_title(titles[i], fontsize=7)

@@ -108,7 +108,9 @@ class Trainer:
         from isnet_cli.backbones import build_model
 
         cfg = self.cfg
-        model = build_model(cfg.arch, len(self.classes), in_channels=1, pretrained=cfg.pretrained).to(self.device)
+        model = build_model(
+            cfg.arch, len(self.classes), in_channels=self.contract.channels, pretrained=cfg.pretrained
+        ).to(self.device)
         self.lds_layers = lds_layers(model, cfg.arch, cfg.lds_layer_names) if cfg.lds else ()
         ddp.broadcast_weights(self.dist, model)
         return model
@@ -410,4 +412,6 @@ class Trainer:
             relevance = lrp(x, "predicted").sum(1).cpu().numpy()
             pred = lrp.logits.argmax(1).cpu().tolist()
         titles = [f"true {self.classes[int(y)]} / pred {self.classes[p]}" for y, p in zip(ys, pred, strict=True)]
-        heatmap_grid(path, x[:, 0].cpu().numpy(), relevance, m[:, 0].numpy() > 0.5, titles)
+        images = x.cpu().numpy()
+        images = images.transpose(0, 2, 3, 1) if images.shape[1] == 3 else images[:, 0]  # colour kept
+        heatmap_grid(path, images, relevance, m[:, 0].numpy() > 0.5, titles)
