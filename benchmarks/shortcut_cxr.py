@@ -307,14 +307,27 @@ def epoch_seconds(run_dir: Path) -> int:
         return round(sum(float(r["seconds"] or 0) for r in csv.DictReader(f)))
 
 
+# The `isnet train` options that define a trained model here: a run is reused only when all of them (defaults
+# resolved) and every option set away from its default match, so a changed default retrains, while an
+# option added later with an inert default does not invalidate the runs already made.
+RECIPE_FIELDS = (
+    "data", "val", "arch", "pretrained", "img_size", "resize", "window", "augment", "batch_size", "epochs",
+    "lr", "optimizer", "momentum", "weight_decay", "scheduler", "clip", "variant", "method", "P", "d", "E",
+    "A", "B", "eps", "cut", "cut_epochs", "lds", "rrr_lambda", "select_by", "seed", "precise_bn",
+)  # fmt: skip
+
+
 def recipe_hash(cfg: Any) -> str:
-    """8 hex digits of everything that defines the trained model, defaults resolved: a run is reused only
-    when the recipe it was trained with is the one asked for (a later change of a default retrains it)."""
+    """8 hex digits of the recipe that defines the trained model (`RECIPE_FIELDS` plus every non-default
+    option, with the background swap, warm start and ramp as resolved)."""
+    import dataclasses
     import hashlib
 
-    recipe = {k: v for k, v in cfg.recipe().items() if k not in ("out", "cache")}
-    recipe.update(background_swap=cfg.background_swap, warm_start=cfg.starts_from_warm_up, ramp=cfg.ramp_epochs)
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    defaults = dataclasses.asdict(type(cfg)())
+    recipe = cfg.recipe()
+    kept = {k: v for k, v in recipe.items() if k in RECIPE_FIELDS or (k not in ("out", "cache") and v != defaults[k])}
+    kept.update(background_swap=cfg.background_swap, warm_start=cfg.starts_from_warm_up, ramp=cfg.ramp_epochs)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -261,11 +261,6 @@ def test_onnx_export_and_torch_free_predict_with_3_channels(colour_run: Path, fa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="with the default recipe the ISNet stays at chance on the face phantoms (it ignores the marker but "
-    "does not learn the mouth); README 'Colour and natural images'",
-    strict=False,
-)
 def test_colour_isnet_ignores_the_background_shortcut_that_the_baseline_learns(colour_shortcut_runs) -> None:
     """The X-ray mission on colour faces, same recipe (ResNet-18, defaults): the standard classifier reads
     the red marker, the ISNet the mouth."""
