@@ -96,7 +96,12 @@ def train(data: str, channels: str, **options: Any) -> None:
 
 @command.command("masks")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--model", "-m", required=True, help="Segmenter checkpoint or run folder (from `isnet segment train`).")
+@click.option(
+    "--model",
+    "-m",
+    help="Segmenter checkpoint or run folder (from `isnet segment train`); default: the bundled demonstration "
+    "segmenter (models/lung-segmenter, research only) or $ISNET_SEGMENTER.",
+)
 @click.option(
     "--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for masks/, qc.csv, manifest.csv."
 )
@@ -114,7 +119,7 @@ def train(data: str, channels: str, **options: Any) -> None:
 @opt.no_progress_option
 def masks(
     inputs: tuple[str, ...],
-    model: str,
+    model: str | None,
     out: str,
     qc: str,
     overwrite: bool,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import resolve_model
+from isnet_cli.infer.checkpoint import TASK_CLASSIFICATION, resolve_model
 from isnet_cli.infer.onnx_runtime import OnnxModel, model_id
 from isnet_cli.io.contract import InputContract
 
@@ -55,7 +55,7 @@ def open_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
 def checkpoint_path(model: str | Path | None, onnx_problem: str, onnx_fix: str, runs_dir: str | Path = "runs") -> Path:
     """Resolve `--model` for a command that needs the torch checkpoint; an `.onnx` file is refused with
     the command's own reason (`onnx_problem`) and fix."""
-    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
+    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir, task=TASK_CLASSIFICATION))
     if path.suffix.lower() == ".onnx":
         raise InputError(path, onnx_problem, onnx_fix)
     return path
@@ -127,7 +127,7 @@ def load_backend(model: str | Path | None, device: str = "auto", runs_dir: str |
 
     An `.onnx` model runs on onnxruntime and never imports torch.
     """
-    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
+    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir, task=TASK_CLASSIFICATION))
     if path.suffix.lower() == ".onnx":
         return OnnxModel(path, device=device)
     return TorchModel(path, device=device)

@@ -7,16 +7,20 @@ rebuilds the network from that JSON and loads plain tensors, so it never execute
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import read_meta, resolve_model
+from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, read_meta, resolve_model
 from isnet_cli.io.contract import InputContract
 
-TASK = "segmentation"
+TASK = TASK_SEGMENTATION
+# The bundled demonstration segmenter (models/lung-segmenter/, see its card.md); ISNET_SEGMENTER overrides it.
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "lung-segmenter" / "lung-segmenter.safetensors"
+BUNDLED_ENV = "ISNET_SEGMENTER"
 ARCH = "monai-unet"
 CLASSES = ["background", "lung"]
 
@@ -51,16 +55,25 @@ def segmenter_meta(unet: dict[str, Any], contract: InputContract, row: dict[str,
     }
 
 
+def default_segmenter(runs_dir: str | Path = "runs") -> Path:
+    """The segmenter used when none is named: $ISNET_SEGMENTER, else the bundled one, else (an install
+    without models/) the newest segmenter run under `runs_dir`."""
+    if os.environ.get(BUNDLED_ENV):
+        return resolve_model(os.environ[BUNDLED_ENV])
+    if BUNDLED.is_file():
+        return BUNDLED
+    return resolve_model(None, runs_dir=runs_dir, task=TASK)
+
+
 def load_segmenter(model: str | Path | None, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
-    """`--model` (checkpoint or run folder) -> (U-Net in eval mode on `device`, metadata, checkpoint path).
+    """`--model` (checkpoint or run folder; None = `default_segmenter()`) -> (U-Net in eval mode on
+    `device`, metadata, checkpoint path).
 
     A classifier checkpoint or an ONNX file is refused with a one-line error.
     """
     from safetensors.torch import load_file
 
-    if model is None:
-        raise InputError(None, "no segmenter given", "pass --model RUN (a run folder of `isnet segment train`)")
-    path = resolve_model(model)
+    path = default_segmenter() if model is None else resolve_model(model)
     if path.suffix.lower() == ".onnx":
         raise InputError(path, "ONNX segmenters are not supported yet", "pass the checkpoint or its run folder")
     meta = read_meta(path)
