@@ -74,3 +74,47 @@ def test_segment_then_train_on_its_manifest_is_the_same_as_masks_auto(phantoms, 
     assert code == 0, stderr
     segmented = list(csv.DictReader((tmp_path / "seg" / "manifest.csv").open()))
     assert len(generated) == len(segmented)
+
+
+def test_masked_variant_trains_predicts_explains_and_exports_both_stages(phantoms, segmenter, tmp_path):
+    """The segmenter-then-classifier baseline: one checkpoint with both stages; predict, explain, export
+    (one ONNX graph, verified) and info (parameters and latency per stage) use them."""
+    import numpy as np
+    import torch
+
+    from isnet_cli.infer.checkpoint import load_checkpoint, read_meta
+    from isnet_cli.pipeline import MaskedPipeline
+
+    runs = tmp_path / "runs"
+    code, _, stderr = isnet(
+        "train", phantoms, *TINY_TRAIN, "--variant", "masked", "--segmenter", segmenter, "--out", runs, "--name", "m"
+    )
+    assert code == 0, stderr
+    best = runs / "m" / "best.safetensors"
+    meta = read_meta(best)
+    assert meta["isnet"]["variant"] == "masked" and meta["isnet"]["P"] == 0.0
+    assert meta["segmenter"]["source"] == str((segmenter / "best.safetensors").resolve())
+    assert "segmenter-then-classifier" in (runs / "m" / "card.md").read_text()
+    model, _ = load_checkpoint(best)
+    assert isinstance(model, MaskedPipeline)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        mask = model.lung_mask(x)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        torch.testing.assert_close(model(x), model.classifier(x * mask))  # background = air (0)
+    image = sorted((phantoms.parent / "images").rglob("*.png"))[0]
+    code, stdout, stderr = isnet("predict", image, "--model", best, "--json", "--device", "cpu")
+    assert code == 0, stderr
+    code, _, stderr = isnet("explain", image, "--model", best, "--out", tmp_path / "h.png", "--raw", tmp_path / "r.npy")
+    assert code == 0, stderr
+    relevance = np.load(tmp_path / "r.npy")
+    assert relevance.shape[-2:] == (SIZE, SIZE)
+    code, stdout, stderr = isnet("export", "--model", best, "--out", tmp_path / "m.onnx", "--json")
+    assert code == 0, stderr
+    code, stdout, stderr = isnet("predict", image, "--model", tmp_path / "m.onnx", "--json")
+    assert code == 0, stderr
+    code, stdout, stderr = isnet("info", best, "--json")
+    assert code == 0, stderr
+    stages = json.loads(stdout)["stages"]
+    assert [s["stage"] for s in stages] == ["segmenter", "classifier"]
+    assert all(s["parameters"] > 0 and s["latency_ms"] > 0 for s in stages)

@@ -191,6 +191,10 @@ def command(ctx: click.Context, data: str | None, resume: str | None, **options:
     else:
         cfg = TrainConfig(data=data or "", **options)
         cfg.validate()
+        if cfg.masked and not cfg.segmenter:
+            from isnet_cli.segment.model import default_segmenter
+
+            cfg.segmenter = str(default_segmenter(cfg.out))
         result = train(complete_masks(cfg))
     best = result.best or result.last or {}
     summary = ", ".join(

@@ -89,10 +89,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from its metadata, load the weights (strict), return it in eval mode."""
+    """Rebuild the model from its metadata, load the weights (strict), return it in eval mode.
+
+    A `--variant masked` checkpoint (metadata `segmenter`) becomes the whole segmenter-then-classifier
+    pipeline (`isnet_cli.pipeline.MaskedPipeline`), so every command runs both stages.
+    """
     from safetensors.torch import load_file
 
     from isnet_cli.backbones import build_model
+    from isnet_cli.io.contract import InputContract
+    from isnet_cli.pipeline import MaskedPipeline, build_unet
 
     meta = read_meta(path)
     if checkpoint_task(meta) == TASK_SEGMENTATION:
@@ -107,11 +113,35 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         in_channels=meta.get("in_channels", 1),
         pretrained_layout=bool(meta.get("pretrained", False)),
     )
+    segmenter = meta.get("segmenter")
+    if segmenter:
+        air = InputContract.from_dict(meta["contract"]).low
+        model = MaskedPipeline(model, build_unet(segmenter["unet"]), segmenter["contract"]["size"], air)
     try:
         model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except RuntimeError as exc:
         raise InputError(path, f"weights do not match architecture '{meta['arch']}' ({exc})") from exc
     return model.to(device).eval(), meta
+
+
+def load_segmenter_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A segmenter checkpoint (`task: segmentation`) -> (MONAI U-Net in eval mode on `device`, metadata).
+    Built from the JSON metadata and plain tensors: loading never executes code from the file."""
+    from safetensors.torch import load_file
+
+    from isnet_cli.pipeline import build_unet
+
+    meta = read_meta(path)
+    if checkpoint_task(meta) != TASK_SEGMENTATION:
+        raise InputError(
+            path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
+        )
+    net = build_unet(meta["unet"], out_channels=int(meta.get("num_classes", 2)))
+    try:
+        net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
+    return net.to(device).eval(), meta
 
 
 def checkpoint_task(meta: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, read_meta, resolve_model
+from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, load_segmenter_checkpoint, resolve_model
 from isnet_cli.io.contract import InputContract
 
 TASK = TASK_SEGMENTATION
@@ -23,20 +23,6 @@ BUNDLED = Path(__file__).resolve().parents[2] / "models" / "lung-segmenter" / "l
 BUNDLED_ENV = "ISNET_SEGMENTER"
 ARCH = "monai-unet"
 CLASSES = ["background", "lung"]
-
-
-def build_unet(unet: dict[str, Any]) -> nn.Module:
-    """MONAI UNet (spatial_dims 2, in 1, out 2) with the recorded `channels`, `strides`, `num_res_units`."""
-    from monai.networks.nets import UNet
-
-    return UNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=len(CLASSES),
-        channels=tuple(unet["channels"]),
-        strides=tuple(unet["strides"]),
-        num_res_units=int(unet["num_res_units"]),
-    )
 
 
 def segmenter_meta(unet: dict[str, Any], contract: InputContract, row: dict[str, Any], data: dict[str, Any]) -> dict:
@@ -71,19 +57,8 @@ def load_segmenter(model: str | Path | None, device: Any = "cpu") -> tuple[nn.Mo
 
     A classifier checkpoint or an ONNX file is refused with a one-line error.
     """
-    from safetensors.torch import load_file
-
     path = default_segmenter() if model is None else resolve_model(model)
     if path.suffix.lower() == ".onnx":
         raise InputError(path, "ONNX segmenters are not supported yet", "pass the checkpoint or its run folder")
-    meta = read_meta(path)
-    if meta.get("task") != TASK:
-        raise InputError(
-            path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
-        )
-    net = build_unet(meta["unet"])
-    try:
-        net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
-    except RuntimeError as exc:
-        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
-    return net.to(device).eval(), meta, path
+    net, meta = load_segmenter_checkpoint(path, device)
+    return net, meta, path

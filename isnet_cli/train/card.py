@@ -39,9 +39,14 @@ def _what_and_input(meta: dict[str, Any], run_dir: Path) -> list[str]:
     isnet = meta.get("isnet", {})
     contract = meta.get("contract", {})
     variant = isnet.get("variant")
+    seg = meta.get("segmenter") or {}
     kind = (
         "a standard classifier (no heatmap loss; baseline)"
         if variant == "none" and isnet.get("method") != "rrr"
+        else f"a segmenter-then-classifier pipeline (baseline): the lung segmenter `{seg.get('source')}` (id "
+        f"{seg.get('id')}) masks the image, a standard classifier sees the lungs only (background = air); "
+        "checkpoint and exports hold both stages"
+        if variant == "masked"
         else "a Right-for-the-Right-Reasons classifier (input-gradient penalty on the background)"
         if isnet.get("method") == "rrr"
         else f"an ISNet ({variant}): trained so its LRP relevance stays inside the mask"
@@ -53,7 +58,12 @@ def _what_and_input(meta: dict[str, Any], run_dir: Path) -> list[str]:
         "",
         "## Intended use",
         "Research on chest X-ray classification and background-bias mitigation. Not a medical device: do not use",
-        "it for diagnosis. Masks were needed only for training; at run time it is the plain classifier.",
+        "it for diagnosis. "
+        + (
+            "At run time the segmenter masks every image before the classifier sees it."
+            if variant == "masked"
+            else "Masks were needed only for training; at run time it is the plain classifier."
+        ),
         "",
         "## Input",
         f"- {contract.get('channels', 1)} channel(s), {contract.get('size')} x {contract.get('size')} px, "

@@ -135,7 +135,9 @@ class TrainConfig:
             raise InputError(
                 None, "no training data given", "pass DATA (a manifest CSV or folder) or data: in --config"
             )
-        if self.segmenter and self.masks != "auto" and self.variant != "masked":
+        if self.masked and self.method != "isnet":
+            raise InputError(None, "--variant masked is a plain classifier behind a segmenter", "drop --method rrr")
+        if self.segmenter and self.masks != "auto" and not self.masked:
             raise InputError(None, "--segmenter is used by --masks auto and --variant masked", "add --masks auto")
 
     @property
@@ -170,8 +172,13 @@ class TrainConfig:
         return [name.strip() for name in self.lds_layers.split(",") if name.strip()]
 
     @property
+    def masked(self) -> bool:
+        """The segmenter-then-classifier pipeline: trained on images with the background replaced by air."""
+        return self.variant == "masked"
+
+    @property
     def needs_masks(self) -> bool:
-        return self.uses_lrp_loss or self.method == "rrr" or self.background_swap > 0
+        return self.uses_lrp_loss or self.method == "rrr" or self.background_swap > 0 or self.masked
 
     @property
     def background_swap(self) -> float:
