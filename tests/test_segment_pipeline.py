@@ -118,3 +118,41 @@ def test_masked_variant_trains_predicts_explains_and_exports_both_stages(phantom
     stages = json.loads(stdout)["stages"]
     assert [s["stage"] for s in stages] == ["segmenter", "classifier"]
     assert all(s["parameters"] > 0 and s["latency_ms"] > 0 for s in stages)
+
+
+def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path):
+    """`isnet export` of a segmenter run, verified on onnxruntime; `isnet segment --model seg.onnx` in a
+    process where importing torch fails gives the masks of the checkpoint."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_predict import NO_TORCH
+    from tests.test_segment import four_phantoms
+    from tests.tiny_models import REPO
+
+    onnx_file = tmp_path / "seg.onnx"
+    code, stdout, stderr = isnet("export", "--model", segmenter, "--out", onnx_file, "--json")
+    assert code == 0, stderr
+    meta = json.loads(stdout)
+    assert meta["task"] == "segmentation" and meta["export"]["verified"]["max_abs_diff"] <= 1e-4
+    code, _, stderr = isnet("export", "--model", segmenter, "--out", tmp_path / "h.onnx", "--with-heatmap")
+    assert code == 2 and "segmenter" in stderr
+    manifest = four_phantoms(phantoms, tmp_path)
+    code, _, stderr = isnet("segment", manifest, "--model", segmenter, "--out", tmp_path / "torch", "--device", "cpu")
+    assert code == 0, stderr
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, "segment", str(manifest), "--model", str(onnx_file), "--out",
+         str(tmp_path / "onnx"), "--device", "cpu", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "onnxruntime" in run.stdout + run.stderr
+    torch_masks = sorted((tmp_path / "torch" / "masks").rglob("*.png"))
+    assert len(torch_masks) == 4
+    for path in torch_masks:
+        a = np.asarray(Image.open(path)) > 127
+        b = np.asarray(Image.open(tmp_path / "onnx" / path.relative_to(tmp_path / "torch"))) > 127
+        assert (a != b).mean() < 0.01, path

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 from isnet_cli.console import say, say_error
 from isnet_cli.errors import InputError
@@ -25,9 +24,9 @@ from isnet_cli.infer.onnx_runtime import model_id
 from isnet_cli.infer.predict import Failure
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.cache import file_digest
-from isnet_cli.io.contract import InputContract
 from isnet_cli.io.manifest import Sample, read_dataset
 from isnet_cli.segment.infer import mask_png, predict_masks
+from isnet_cli.segment.model import Segmenter, open_segmenter
 from isnet_cli.train.config import TrainConfig
 
 MANIFEST_COLUMNS = ("image", "mask", "label", "split")
@@ -39,13 +38,13 @@ def _cached(folder: Path, sample: Sample) -> tuple[Path, Path]:
     return folder / key[:2] / f"{key}.png", folder / key[:2] / f"{key}.json"
 
 
-def _generate(samples: list[Sample], folder: Path, net: Any, contract: InputContract, device: Any) -> None:
+def _generate(samples: list[Sample], folder: Path, segmenter: Segmenter) -> None:
     """Segment the samples whose mask is not cached yet; write mask + QC into the cache."""
     todo = [s for s in samples if not _cached(folder, s)[1].is_file()]
     if not todo:
         return
     say(f"--masks auto: segmenting {len(todo)} image(s) without a mask")
-    for item in predict_masks(net, contract, todo, device):
+    for item in predict_masks(segmenter, todo):
         if isinstance(item, Failure):
             continue  # the training's own file check names unreadable images
         png, qc = _cached(folder, item.sample)
@@ -53,11 +52,11 @@ def _generate(samples: list[Sample], folder: Path, net: Any, contract: InputCont
         atomic_write_bytes(qc, json.dumps({**item.qc.row(), "problems": item.qc.problems}).encode())
 
 
-def _complete(data: str, folder: Path, net: Any, contract: InputContract, device: Any) -> tuple[Path, dict[str, int]]:
+def _complete(data: str, folder: Path, segmenter: Segmenter) -> tuple[Path, dict[str, int]]:
     """The completed manifest of `data` (given masks kept, generated ones added, flagged images left out)."""
     spec = read_dataset(data)
     missing = [s for s in spec.samples if s.mask is None]
-    _generate(missing, folder, net, contract, device)
+    _generate(missing, folder, segmenter)
     rows, excluded = [], 0
     for s in spec.samples:
         mask = s.mask
@@ -86,20 +85,16 @@ def complete_masks(cfg: TrainConfig) -> TrainConfig:
     the original data and the counts; `cfg` itself when --masks is not `auto`."""
     if cfg.masks != "auto":
         return cfg
-    from isnet_cli.device import resolve_device
-    from isnet_cli.segment.model import load_segmenter
-
     if not cfg.data:
         raise InputError(None, "no training data given", "pass DATA (a manifest CSV or folder)")
-    device = resolve_device(cfg.device)
-    net, meta, path = load_segmenter(cfg.segmenter, device)
+    segmenter = open_segmenter(cfg.segmenter, cfg.device)
+    path = segmenter.path
     seg_id = model_id(path)
-    contract = InputContract.from_dict(meta["contract"])
     folder = (Path(cfg.cache) if cfg.cache else Path(cfg.out) / ".cache") / "masks" / seg_id
-    data, counts = _complete(cfg.data, folder, net, contract, device)
+    data, counts = _complete(cfg.data, folder, segmenter)
     val = None
     if cfg.val:
-        val, val_counts = _complete(cfg.val, folder, net, contract, device)
+        val, val_counts = _complete(cfg.val, folder, segmenter)
         counts = {k: counts[k] + val_counts[k] for k in counts}
     say(
         f"--masks auto: segmenter {path} (id {seg_id}): {counts['given']} given, {counts['generated']} generated, "

@@ -22,9 +22,9 @@ import numpy as np
 from isnet_cli.errors import InputError
 from isnet_cli.infer.predict import Failure, iter_prepared, usable
 from isnet_cli.io.atomic import atomic_write_bytes
-from isnet_cli.io.contract import InputContract
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
+from isnet_cli.segment.model import Segmenter
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
 
 QC_COLUMNS = ("image", "mask", "ok", "contrast", "area_fraction", "components", "balance", "problems")
@@ -41,25 +41,19 @@ class Segmented:
 
 
 def predict_masks(
-    net: Any,
-    contract: InputContract,
+    segmenter: Segmenter,
     samples: list[Sample],
-    device: Any,
     batch_size: int = 8,
     fail_fast: bool = False,
     limits: QcLimits = QcLimits(),  # noqa: B008 (frozen, immutable)
 ) -> Iterator[Segmented | Failure]:
     """Masks and failures, in input order; an unreadable input raises with `fail_fast`, else is a `Failure`."""
-    import torch
-
-    for batch in iter_prepared(samples, contract, batch_size):
+    for batch in iter_prepared(samples, segmenter.contract, batch_size):
         good, failed = usable(batch, fail_fast)
         yield from failed
         if not good:
             continue
-        x = torch.from_numpy(np.stack([p.x[:1] for _, p in good])).to(device)
-        with torch.no_grad():
-            lung = torch.softmax(net(x).float(), dim=1)[:, 1].cpu().numpy()
+        lung = segmenter.lung(np.stack([p.x[:1] for _, p in good]))
         for (sample, prepared), prob in zip(good, lung, strict=True):
             mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
             yield Segmented(sample, mask, quality(mask, prepared.image, limits))
@@ -192,16 +186,13 @@ def segment_inputs(
     with `fail_fast` the first one raises, after everything before it was written.
     """
     from isnet_cli.console import make_progress, say, say_error
-    from isnet_cli.device import resolve_device
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.segment.model import load_segmenter
+    from isnet_cli.segment.model import open_segmenter
 
     if qc not in QC_CHOICES:
         raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
-    torch_device = resolve_device(device)
-    net, meta, path = load_segmenter(model, torch_device)
-    contract = InputContract.from_dict(meta["contract"])
-    say(f"segmenter {path} (MONAI U-Net, {contract.size} px input, torch {torch_device})")
+    segmenter = open_segmenter(model, device)
+    say(f"segmenter {segmenter.path} (MONAI U-Net, {segmenter.contract.size} px input, {segmenter.description})")
     samples = expand_inputs(list(inputs))
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
@@ -212,7 +203,7 @@ def segment_inputs(
     try:
         with make_progress(progress and len(samples) > 1) as bar:
             task = bar.add_task("segment", total=len(samples))
-            for item in predict_masks(net, contract, samples, torch_device, batch_size, fail_fast):
+            for item in predict_masks(segmenter, samples, batch_size, fail_fast):
                 bar.advance(task)
                 if isinstance(item, Failure):
                     failed += 1

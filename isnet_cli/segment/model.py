@@ -8,14 +8,19 @@ rebuilds the network from that JSON and loads plain tensors, so it never execute
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, load_segmenter_checkpoint, resolve_model
+from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, checkpoint_task, load_segmenter_checkpoint, resolve_model
 from isnet_cli.io.contract import InputContract
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TASK = TASK_SEGMENTATION
 # The bundled demonstration segmenter (models/lung-segmenter/, see its card.md); ISNET_SEGMENTER overrides it.
@@ -59,6 +64,57 @@ def load_segmenter(model: str | Path | None, device: Any = "cpu") -> tuple[nn.Mo
     """
     path = default_segmenter() if model is None else resolve_model(model)
     if path.suffix.lower() == ".onnx":
-        raise InputError(path, "ONNX segmenters are not supported yet", "pass the checkpoint or its run folder")
+        raise InputError(path, "this needs the torch checkpoint, not an ONNX export", "pass the .safetensors file")
     net, meta = load_segmenter_checkpoint(path, device)
     return net, meta, path
+
+
+@dataclass
+class Segmenter:
+    """A loaded segmenter, on torch or on onnxruntime: `lung(x)` maps inputs (B, 1, S, S) float32,
+    preprocessed by `contract`, to the lung probability (B, S, S)."""
+
+    path: Path
+    meta: dict[str, Any]
+    contract: InputContract
+    description: str
+    lung: Callable[[np.ndarray], np.ndarray]
+
+
+def open_segmenter(model: str | Path | None, device: str = "auto") -> Segmenter:
+    """`--model` (checkpoint, run folder or exported .onnx; None = `default_segmenter()`) -> `Segmenter`.
+    An .onnx segmenter runs on onnxruntime and never imports torch."""
+    path = default_segmenter() if model is None else resolve_model(model)
+    if path.suffix.lower() == ".onnx":
+        return _onnx_segmenter(path, device)
+    import torch
+
+    from isnet_cli.device import resolve_device
+
+    torch_device = resolve_device(device)
+    net, meta = load_segmenter_checkpoint(path, torch_device)
+
+    def lung(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch_device))
+            return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+
+    return Segmenter(path, meta, InputContract.from_dict(meta["contract"]), f"torch {torch_device}", lung)
+
+
+def _onnx_segmenter(path: Path, device: str) -> Segmenter:
+    """An exported segmenter (`isnet export` of a segmenter run) on onnxruntime."""
+    from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, make_session, read_onnx_meta
+
+    meta = read_onnx_meta(path)
+    if checkpoint_task(meta) != TASK:
+        raise InputError(path, "not a segmenter (an exported classifier)", "export a run of `isnet segment train`")
+    session = make_session(path, device)
+
+    def lung(x: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([LOGITS_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted[:, 1] / shifted.sum(axis=1)
+
+    provider = session.get_providers()[0].replace("ExecutionProvider", "")
+    return Segmenter(path, meta, InputContract.from_dict(meta["contract"]), f"onnxruntime {provider}", lung)
