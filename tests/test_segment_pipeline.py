@@ -122,7 +122,7 @@ def test_masked_variant_trains_predicts_explains_and_exports_both_stages(phantom
 
 def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path):
     """`isnet export` of a segmenter run, verified on onnxruntime; `isnet segment --model seg.onnx` in a
-    process where importing torch fails gives the masks of the checkpoint."""
+    process where importing torch fails gives the masks of the checkpoint; --overlay draws the outlines."""
     import subprocess
     import sys
 
@@ -141,8 +141,15 @@ def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path
     code, _, stderr = isnet("export", "--model", segmenter, "--out", tmp_path / "h.onnx", "--with-heatmap")
     assert code == 2 and "segmenter" in stderr
     manifest = four_phantoms(phantoms, tmp_path)
-    code, _, stderr = isnet("segment", manifest, "--model", segmenter, "--out", tmp_path / "torch", "--device", "cpu")
+    code, _, stderr = isnet(
+        "segment", manifest, "--model", segmenter, "--out", tmp_path / "torch", "--overlay", tmp_path / "overlays",
+        "--device", "cpu",
+    )  # fmt: skip
     assert code == 0, stderr
+    overlays = sorted((tmp_path / "overlays").rglob("*.png"))
+    assert len(overlays) == 4
+    rgb = np.asarray(Image.open(overlays[0]))
+    assert rgb.ndim == 3 and ((rgb[..., 1] == 220) & (rgb[..., 0] == 0)).any()  # a green outline: QC passed
     run = subprocess.run(
         [sys.executable, "-c", NO_TORCH, "segment", str(manifest), "--model", str(onnx_file), "--out",
          str(tmp_path / "onnx"), "--device", "cpu", "--no-progress"],

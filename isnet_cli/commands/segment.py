@@ -112,6 +112,11 @@ def train(data: str, channels: str, **options: Any) -> None:
     show_default=True,
     help="Masks flagged by quality control: left out of the new manifest, or kept (empty masks are always left out).",
 )
+@click.option(
+    "--overlay",
+    type=click.Path(file_okay=False),
+    help="Folder for contour overlays (the image with the mask outline: green = QC passed, red = flagged).",
+)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
 @opt.device_option
@@ -122,6 +127,7 @@ def masks(
     model: str | None,
     out: str,
     qc: str,
+    overlay: str | None,
     overwrite: bool,
     batch_size: int,
     device: str,
@@ -137,13 +143,23 @@ def masks(
 
     \b
     Example:
-      isnet segment scans/manifest.csv --model runs/lungs --out scans-masked
+      isnet segment scans/manifest.csv --out scans-masked --overlay scans-masked/overlays
+      isnet segment scans/manifest.csv --model lungs.onnx --out scans-masked   (onnxruntime, no torch)
     """
     from isnet_cli.console import progress_enabled, say
     from isnet_cli.segment.infer import segment_inputs
 
     result = segment_inputs(
-        inputs, model, Path(out), qc, device, batch_size, fail_fast, overwrite, progress_enabled(no_progress)
+        inputs,
+        model,
+        Path(out),
+        qc,
+        device,
+        batch_size,
+        fail_fast,
+        overwrite,
+        progress_enabled(no_progress),
+        None if overlay is None else Path(overlay),
     )
     line = f"{result.written} masks written to {Path(out) / 'masks'}, {result.flagged} flagged by QC (qc.csv)"
     if result.manifest is not None:

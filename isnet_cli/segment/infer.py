@@ -33,11 +33,13 @@ QC_CHOICES = ("exclude", "keep")
 
 @dataclass
 class Segmented:
-    """One input's result: the cleaned bool mask at the original geometry and its QC."""
+    """One input's result: the cleaned bool mask at the original geometry, its QC, and the decoded image
+    (H, W) in [0, 1] (for overlays)."""
 
     sample: Sample
     mask: np.ndarray
     qc: Qc
+    image: np.ndarray
 
 
 def predict_masks(
@@ -56,7 +58,7 @@ def predict_masks(
         lung = segmenter.lung(np.stack([p.x[:1] for _, p in good]))
         for (sample, prepared), prob in zip(good, lung, strict=True):
             mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
-            yield Segmented(sample, mask, quality(mask, prepared.image, limits))
+            yield Segmented(sample, mask, quality(mask, prepared.image, limits), prepared.image)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -65,6 +67,20 @@ def mask_png(mask: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_png(image: np.ndarray, mask: np.ndarray, ok: bool) -> bytes:
+    """The radiograph in grey with the mask's outline (2 px): green when QC passed, red when it flagged it."""
+    from PIL import Image
+    from scipy import ndimage
+
+    grey = (np.clip(image[..., 0] if image.ndim == 3 else image, 0.0, 1.0) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    outline = ndimage.binary_dilation(mask & ~ndimage.binary_erosion(mask))
+    rgb[outline] = (0, 220, 0) if ok else (230, 0, 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -177,8 +193,10 @@ def segment_inputs(
     fail_fast: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    overlay: Path | None = None,
 ) -> SegmentSummary:
-    """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv.
+    """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv; with
+    `overlay`, a contour overlay per input there (same relative name as its mask).
 
     Flagged masks are written and reported; `qc="exclude"` leaves them out of the manifest, `"keep"` keeps
     them, except empty masks, which `isnet train` cannot use and which are always left out. Unreadable
@@ -212,6 +230,9 @@ def segment_inputs(
                     continue
                 name = names(item.sample.image)
                 atomic_write_bytes(out / name, mask_png(item.mask))
+                if overlay is not None:
+                    png = overlay_png(item.image, item.mask, item.qc.ok)
+                    atomic_write_bytes(overlay / name.removeprefix("masks/"), png)
                 written += 1
                 qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
                 use = item.qc.ok or (qc == "keep" and not item.qc.empty)
