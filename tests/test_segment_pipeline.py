@@ -163,3 +163,22 @@ def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path
         a = np.asarray(Image.open(path)) > 127
         b = np.asarray(Image.open(tmp_path / "onnx" / path.relative_to(tmp_path / "torch"))) > 127
         assert (a != b).mean() < 0.01, path
+
+
+def test_bundled_segmenter_is_the_default_and_flags_a_blank_frame(phantoms, tmp_path):
+    """Without --model, `isnet segment` uses models/lung-segmenter; a blank frame gets a QC entry."""
+    import numpy as np
+    from PIL import Image
+
+    from isnet_cli.segment.model import BUNDLED
+
+    if not BUNDLED.is_file():
+        pytest.skip(f"no bundled segmenter at {BUNDLED}")
+    image = phantoms.parent / next(csv.DictReader(phantoms.open()))["image"]
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(blank)
+    code, stdout, stderr = isnet("segment", image, blank, "--out", tmp_path / "o", "--device", "cpu")
+    assert code == 0, stderr
+    assert "lung-segmenter.safetensors" in stdout + stderr
+    qc = {Path(r["image"]).name: r for r in csv.DictReader((tmp_path / "o" / "qc.csv").open())}
+    assert qc["blank.png"]["ok"] == "0" and "blank image" in qc["blank.png"]["problems"]
