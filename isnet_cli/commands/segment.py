@@ -99,7 +99,8 @@ def train(data: str, channels: str, **options: Any) -> None:
 @click.option(
     "--model",
     "-m",
-    help="Segmenter checkpoint or run folder (from `isnet segment train`); default: the bundled demonstration "
+    help="Segmenter checkpoint, run folder (from `isnet segment train`) or exported .onnx (runs without torch); "
+    "default: the bundled demonstration "
     "segmenter (models/lung-segmenter, research only) or $ISNET_SEGMENTER.",
 )
 @click.option(

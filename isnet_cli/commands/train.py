@@ -108,7 +108,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_option("--scheduler", type=click.Choice(SCHEDULERS))
 @_option("--clip", type=float, help="Gradient-norm clipping.")
 @_option(
-    "--variant", type=click.Choice(VARIANTS), help="Explained quantity; 'none' = standard classifier baseline (P = 0)."
+    "--variant",
+    type=click.Choice(VARIANTS),
+    help="Explained quantity; 'none' = standard classifier baseline (P = 0); 'masked' = standard classifier on "
+    "lung-masked images behind a segmenter (--segmenter; the segmenter-then-classifier baseline).",
 )
 @_option(
     "--method",
