@@ -3,6 +3,8 @@
 A segmenter checkpoint is an isnet checkpoint (safetensors + JSON metadata, `isnet_cli.infer.checkpoint`)
 with `task: segmentation`, `arch: monai-unet` and the U-Net's hyper-parameters under `unet`; loading
 rebuilds the network from that JSON and loads plain tensors, so it never executes code from the file.
+`open_segmenter` runs a checkpoint on torch or an exported `.onnx` on onnxruntime (no torch) behind one
+interface; without `--model` it is the bundled demonstration segmenter (`models/lung-segmenter/`).
 """
 
 from __future__ import annotations
