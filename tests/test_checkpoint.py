@@ -70,3 +70,24 @@ def test_checkpoint_of_a_pretrained_run_reloads_without_download(tmp_path) -> No
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "best.safetensors", model, meta))
     x = torch.rand(1, 1, 64, 64)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_newest_run_is_chosen_per_task(tmp_path) -> None:
+    """A segmenter trained after a classifier is not what `isnet predict` picks up, and vice versa."""
+    import os
+
+    from isnet_cli.infer.checkpoint import TASK_CLASSIFICATION, TASK_SEGMENTATION
+
+    runs = tmp_path / "runs"
+    meta = {"arch": "tinycnn", "num_classes": 2, "classes": ["a", "b"]}
+    for n, (name, task) in enumerate((("classifier", None), ("segmenter", TASK_SEGMENTATION))):
+        (runs / name).mkdir(parents=True)
+        path = save_checkpoint(runs / name / "best.safetensors", build_model("tinycnn", 2), {**meta, "task": task})
+        os.utime(path, (1_000_000 + n, 1_000_000 + n))  # the segmenter is the newer run
+    (runs / "broken").mkdir()
+    (runs / "broken" / "best.safetensors").write_bytes(b"not a checkpoint")
+    os.utime(runs / "broken" / "best.safetensors", (900_000, 900_000))
+    assert resolve_model(None, runs_dir=runs, task=TASK_CLASSIFICATION) == runs / "classifier" / "best.safetensors"
+    assert resolve_model(None, runs_dir=runs, task=TASK_SEGMENTATION) == runs / "segmenter" / "best.safetensors"
+    with pytest.raises(InputError, match="no trained segmenter found"):
+        resolve_model(None, runs_dir=runs / "classifier", task=TASK_SEGMENTATION)

@@ -45,10 +45,13 @@ def command(
     """Export a trained model for deployment (plain classifier, dynamic batch, metadata embedded).
 
     Writes FILE and the sidecar FILE.json (classes, input contract, ISNet settings, opset, verification).
+    A --variant masked run exports as one graph holding segmenter and classifier; a segmenter run (from
+    `isnet segment train`) exports its U-Net for `isnet segment --model FILE.onnx` (no torch needed).
 
     \b
     Example:
       isnet export --model runs/resnet18-1 --format onnx --out model.onnx --with-heatmap
+      isnet export --model runs/lungs --out lungs.onnx
     """
     from isnet_cli.console import say
     from isnet_cli.infer.export import export_model

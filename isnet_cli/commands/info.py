@@ -12,6 +12,7 @@ SECTIONS = (
     ("Input contract", "contract"),
     ("Training data", "data"),
     ("ISNet hyper-parameters", "isnet"),
+    ("Segmenter (--variant masked)", "segmenter"),
     ("Metrics", "metrics"),
     ("Export", "export"),
     ("Versions", "versions"),
@@ -49,7 +50,8 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 def command(model: str | None, as_json: bool) -> None:
     """Show a model card: architecture, classes, input contract, training data, ISNet settings, metrics.
 
-    MODEL is a checkpoint, a run folder or an exported .onnx (default: the newest run under runs/).
+    MODEL is a checkpoint, a run folder or an exported .onnx (default: the newest run under runs/). For a
+    segmenter-then-classifier checkpoint (--variant masked) it also measures each stage's latency (CPU).
 
     \b
     Example:
@@ -61,7 +63,12 @@ def command(model: str | None, as_json: bool) -> None:
 
     from isnet_cli.infer.checkpoint import resolve_model
 
-    card = model_card(Path(resolve_model(model)))
+    path = Path(resolve_model(model))
+    card = model_card(path)
+    if card.get("segmenter") and path.suffix.lower() != ".onnx":
+        from isnet_cli.infer.loading import pipeline_stages
+
+        card["stages"] = pipeline_stages(path)
     if as_json:
         click.echo(json.dumps(card, indent=2))
         return
@@ -83,6 +90,13 @@ def command(model: str | None, as_json: bool) -> None:
         if card.get(key) is not None:
             head.add_row(key, str(card[key]))
     out.print(head)
+    if card.get("stages"):
+        stages = Table(title="Pipeline stages (latency: this machine, CPU, 1 image)", title_justify="left")
+        for name in ("stage", "parameters", "latency ms"):
+            stages.add_column(name)
+        for s in card["stages"]:
+            stages.add_row(s["stage"], f"{s['parameters']:,}", f"{s['latency_ms']:.2f}")
+        out.print(stages)
     for title, key in SECTIONS:
         if not card.get(key):
             continue

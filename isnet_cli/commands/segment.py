@@ -96,7 +96,13 @@ def train(data: str, channels: str, **options: Any) -> None:
 
 @command.command("masks")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--model", "-m", required=True, help="Segmenter checkpoint or run folder (from `isnet segment train`).")
+@click.option(
+    "--model",
+    "-m",
+    help="Segmenter checkpoint, run folder (from `isnet segment train`) or exported .onnx (runs without torch); "
+    "default: the bundled demonstration "
+    "segmenter (models/lung-segmenter, research only) or $ISNET_SEGMENTER.",
+)
 @click.option(
     "--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for masks/, qc.csv, manifest.csv."
 )
@@ -106,6 +112,11 @@ def train(data: str, channels: str, **options: Any) -> None:
     default=QC_CHOICES[0],
     show_default=True,
     help="Masks flagged by quality control: left out of the new manifest, or kept (empty masks are always left out).",
+)
+@click.option(
+    "--overlay",
+    type=click.Path(file_okay=False),
+    help="Folder for contour overlays (the image with the mask outline: green = QC passed, red = flagged).",
 )
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
 @click.option(
@@ -123,9 +134,10 @@ def train(data: str, channels: str, **options: Any) -> None:
 @opt.no_progress_option
 def masks(
     inputs: tuple[str, ...],
-    model: str,
+    model: str | None,
     out: str,
     qc: str,
+    overlay: str | None,
     overwrite: bool,
     fmt: str,
     anonymize: bool,
@@ -143,8 +155,9 @@ def masks(
 
     \b
     Example:
-      isnet segment scans/manifest.csv --model runs/lungs --out scans-masked
-      isnet segment scans/ --model runs/lungs --out scans-seg --format seg
+      isnet segment scans/manifest.csv --out scans-masked --overlay scans-masked/overlays
+      isnet segment scans/ --out scans-seg --format seg
+      isnet segment scans/manifest.csv --model lungs.onnx --out scans-masked   (onnxruntime, no torch)
     """
     from isnet_cli.console import progress_enabled, say
     from isnet_cli.segment.infer import segment_inputs
@@ -161,6 +174,7 @@ def masks(
         progress_enabled(no_progress),
         fmt=fmt,
         anonymize=anonymize,
+        overlay=None if overlay is None else Path(overlay),
     )
     line = f"{result.written} masks written to {Path(out) / 'masks'}, {result.flagged} flagged by QC (qc.csv)"
     if result.manifest is not None:

@@ -13,7 +13,15 @@ from isnet_cli.commands.options import device_option, no_progress_option, window
 from isnet_cli.errors import InputError
 from isnet_cli.io.contract import RESIZE_MODES
 from isnet_cli.objective.settings import METHODS, VARIANTS
-from isnet_cli.train.config import ISNET_BG_SWAP, ISNET_RAMP, OPTIMIZERS, SCHEDULERS, SELECT_BY, TrainConfig
+from isnet_cli.train.config import (
+    ISNET_BG_SWAP,
+    ISNET_RAMP,
+    MASK_SOURCES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SELECT_BY,
+    TrainConfig,
+)
 
 _DEFAULTS = TrainConfig()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,6 +85,16 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 )
 @click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
 @_option("--val-fraction", type=float, help="Validation share when --val is not given.")
+@_option(
+    "--masks",
+    type=click.Choice(MASK_SOURCES),
+    help="given: every image needs its mask; auto: a lung segmenter fills in the missing ones (cached, QC-checked).",
+)
+@click.option(
+    "--segmenter",
+    help="Segmenter (checkpoint, run folder or .onnx) for --masks auto and --variant masked; "
+    "default: the bundled demonstration segmenter.",
+)
 @click.option("--ood", help="Extra test set (no masks needed) scored every epoch: CE and accuracy.")
 @click.option("--classes", help="Comma-separated class list and order (default: sorted labels of DATA).")
 @click.option(
@@ -123,7 +141,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_option("--scheduler", type=click.Choice(SCHEDULERS))
 @_option("--clip", type=float, help="Gradient-norm clipping.")
 @_option(
-    "--variant", type=click.Choice(VARIANTS), help="Explained quantity; 'none' = standard classifier baseline (P = 0)."
+    "--variant",
+    type=click.Choice(VARIANTS),
+    help="Explained quantity; 'none' = standard classifier baseline (P = 0); 'masked' = standard classifier on "
+    "lung-masked images behind a segmenter (--segmenter; the segmenter-then-classifier baseline).",
 )
 @_option(
     "--method",
@@ -201,6 +222,7 @@ def command(ctx: click.Context, data: str | None, resume: str | None, **options:
     Example:
       isnet train data/manifest.csv --arch tinyresnet --img-size 64 --epochs 30 --name demo
     """
+    from isnet_cli.segment.auto import complete_masks
     from isnet_cli.train import TrainConfig, train
 
     classes = options.pop("classes")
@@ -209,7 +231,13 @@ def command(ctx: click.Context, data: str | None, resume: str | None, **options:
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
         result = train(TrainConfig(data=data or ""), resume=resume, resume_overrides=given)
     else:
-        result = train(TrainConfig(data=data or "", **options))
+        cfg = TrainConfig(data=data or "", **options)
+        cfg.validate()
+        if cfg.masked and not cfg.segmenter:
+            from isnet_cli.segment.model import default_segmenter
+
+            cfg.segmenter = str(default_segmenter(cfg.out))
+        result = train(complete_masks(cfg))
     best = result.best or result.last or {}
     summary = ", ".join(
         f"{k} {float(best[k]):.4f}"

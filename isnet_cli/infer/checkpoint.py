@@ -25,6 +25,8 @@ FORMAT = "isnet-checkpoint/1"
 CHECKPOINT_SUFFIX = ".safetensors"
 MODEL_SUFFIXES = (CHECKPOINT_SUFFIX, ".onnx")
 _META_KEY = "isnet"
+TASK_CLASSIFICATION = "classification"
+TASK_SEGMENTATION = "segmentation"
 
 
 def versions() -> dict[str, str]:
@@ -87,13 +89,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from its metadata, load the weights (strict), return it in eval mode."""
+    """Rebuild the model from its metadata, load the weights (strict), return it in eval mode.
+
+    A `--variant masked` checkpoint (metadata `segmenter`) becomes the whole segmenter-then-classifier
+    pipeline (`isnet_cli.pipeline.MaskedPipeline`), so every command runs both stages.
+    """
     from safetensors.torch import load_file
 
     from isnet_cli.backbones import build_model
+    from isnet_cli.io.contract import InputContract
+    from isnet_cli.pipeline import MaskedPipeline, build_unet
 
     meta = read_meta(path)
-    if meta.get("task") == "segmentation":
+    if checkpoint_task(meta) == TASK_SEGMENTATION:
         raise InputError(
             path,
             "this is a lung segmenter, not a classifier",
@@ -105,6 +113,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         in_channels=meta.get("in_channels", 1),
         pretrained_layout=bool(meta.get("pretrained", False)),
     )
+    segmenter = meta.get("segmenter")
+    if segmenter:
+        air = InputContract.from_dict(meta["contract"]).low
+        model = MaskedPipeline(model, build_unet(segmenter["unet"]), segmenter["contract"]["size"], air)
     try:
         model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except RuntimeError as exc:
@@ -112,19 +124,61 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     return model.to(device).eval(), meta
 
 
-def resolve_model(arg: str | Path | None, runs_dir: str | Path = "runs") -> Path:
+def load_segmenter_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A segmenter checkpoint (`task: segmentation`) -> (MONAI U-Net in eval mode on `device`, metadata).
+    Built from the JSON metadata and plain tensors: loading never executes code from the file."""
+    from safetensors.torch import load_file
+
+    from isnet_cli.pipeline import build_unet
+
+    meta = read_meta(path)
+    if checkpoint_task(meta) != TASK_SEGMENTATION:
+        raise InputError(
+            path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
+        )
+    net = build_unet(meta["unet"], out_channels=int(meta.get("num_classes", 2)))
+    try:
+        net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
+    return net.to(device).eval(), meta
+
+
+def checkpoint_task(meta: dict[str, Any]) -> str:
+    """What a checkpoint does: `segmentation` (a lung segmenter) or `classification` (everything else,
+    including checkpoints written before segmenters existed, which record no task)."""
+    return str(meta.get("task") or TASK_CLASSIFICATION)
+
+
+def _newest_run(runs: Path, task: str | None) -> Path:
+    """The run folder under `runs` whose files changed last, among those whose checkpoint does `task`
+    (any task when None). Unreadable checkpoints are skipped: they cannot be the model meant."""
+    candidates = [p for p in runs.glob(f"*/*{CHECKPOINT_SUFFIX}") if p.stem in ("best", "last")]
+    folders = set()
+    for p in candidates:
+        try:
+            if task is None or checkpoint_task(read_meta(p)) == task:
+                folders.add(p.parent)
+        except InputError:
+            continue
+    if not folders:
+        kind = {TASK_SEGMENTATION: "segmenter", TASK_CLASSIFICATION: "classifier"}.get(task or "", "model")
+        command = "isnet segment train" if task == TASK_SEGMENTATION else "isnet train"
+        fix = f"train one with `{command} DATA`"
+        raise InputError(runs, f"no trained {kind} found", f"{fix} or pass --model")
+    return max(folders, key=lambda d: max(p.stat().st_mtime for p in d.iterdir()))
+
+
+def resolve_model(arg: str | Path | None, runs_dir: str | Path = "runs", task: str | None = None) -> Path:
     """Turn `--model` into a model file.
 
     A checkpoint or `.onnx` file is used as is; a run folder gives its `best` (else `last`)
-    checkpoint; no argument gives the newest run under `runs_dir`.
+    checkpoint; no argument gives the newest run under `runs_dir` whose checkpoint does `task`
+    (`classification` or `segmentation`; any when None), so a classifier command never picks up a
+    segmenter trained after it, and vice versa.
     """
     if arg is None:
-        runs = Path(runs_dir)
-        candidates = [p for p in runs.glob(f"*/*{CHECKPOINT_SUFFIX}") if p.stem in ("best", "last")]
-        if not candidates:
-            raise InputError(runs, "no trained model found", "train one with `isnet train DATA` or pass --model")
-        newest_run = max({p.parent for p in candidates}, key=lambda d: max(p.stat().st_mtime for p in d.iterdir()))
-        return resolve_model(newest_run)
+        return resolve_model(_newest_run(Path(runs_dir), task))
     path = Path(arg)
     if path.is_dir():
         for name in ("best", "last"):

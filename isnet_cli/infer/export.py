@@ -1,11 +1,13 @@
 """Export a checkpoint for deployment: ONNX (onnxruntime) or TorchScript, verified before it is written.
 
 The exported graph is the plain classifier (no LRP), input `input` float32 (batch, C, S, S) with a
-dynamic batch axis, output `logits` (batch, K). The checkpoint metadata (classes, input contract,
-ISNet settings, metrics, versions) plus an `export` block goes into the ONNX `metadata_props`
-(`isnet.meta`, plus flat `classes`, `input_contract`, `arch`, `opset` keys for model viewers) and
-into the sidecar `FILE.json` (see `onnx_runtime.sidecar_path`). `--with-heatmap` also writes
-`<stem>.heatmap.onnx` with outputs `logits` and `relevance` (LRP of the predicted class).
+dynamic batch axis, output `logits` (batch, K). A `--variant masked` checkpoint exports as one graph with
+both stages (segmenter, mask, classifier: `isnet_cli.pipeline`); a lung segmenter (`isnet segment train`)
+exports its U-Net, output `logits` (batch, 2, S, S), which `isnet segment --model FILE.onnx` runs.
+The checkpoint metadata (classes, input contract, ISNet settings, metrics, versions) plus an `export`
+block goes into the ONNX `metadata_props` (`isnet.meta`, plus flat `classes`, `input_contract`, `arch`,
+`opset` keys for model viewers) and into the sidecar `FILE.json` (see `onnx_runtime.sidecar_path`).
+`--with-heatmap` also writes `<stem>.heatmap.onnx` with outputs `logits` and `relevance` (LRP of the predicted class).
 
 Files are exported to a temporary name, verified on onnxruntime against torch, then renamed: a
 failed verification leaves nothing behind that looks deployable.
@@ -28,7 +30,13 @@ import torch
 from torch import nn
 
 from isnet_cli.errors import InputError, IsnetError, ModelError
-from isnet_cli.infer.checkpoint import versions
+from isnet_cli.infer.checkpoint import (
+    TASK_SEGMENTATION,
+    checkpoint_task,
+    load_segmenter_checkpoint,
+    read_meta,
+    versions,
+)
 from isnet_cli.infer.loading import Checkpoint, checkpoint_path, open_checkpoint
 from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELEVANCE_NAME, make_session, sidecar_path
 from isnet_cli.io.atomic import atomic_write_bytes
@@ -73,6 +81,8 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, outputs: list[str], op
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # the TorchScript-based exporter is chosen on purpose (<1 s vs ~15 s, same numbers)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # MONAI's U-Net normalises each image by its own statistics: exported as such, which is right
+        warnings.filterwarnings("ignore", message=".*instance_norm.*", category=UserWarning)
         target = Path(tmp) / "model.onnx"
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -127,7 +137,8 @@ def _with_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"isnet classifier {meta.get('arch', '')}: classes {meta['classes']}"
+    kind = "lung segmenter" if checkpoint_task(meta) == TASK_SEGMENTATION else "classifier"
+    proto.doc_string = f"isnet {kind} {meta.get('arch', '')}: classes {meta['classes']}"
     return proto.SerializeToString()
 
 
@@ -189,7 +200,7 @@ def export_model(
         raise InputError(out, "ONNX output must end in .onnx")
     if with_heatmap and fmt != "onnx":
         raise InputError(None, "--with-heatmap needs --format onnx")
-    checkpoint = open_checkpoint(source, device="cpu")
+    checkpoint = _open_for_export(source, with_heatmap)
     examples = [example_inputs(checkpoint.contract, 3, seed=0), example_inputs(checkpoint.contract, 1, seed=1)]
     export_meta = _export_record(fmt, out, source, checkpoint.contract)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +212,18 @@ def export_model(
     full = {**checkpoint.meta, "export": export_meta}
     atomic_write_bytes(sidecar_path(out), (json.dumps(full, indent=2) + "\n").encode())
     return full
+
+
+def _open_for_export(source: Path, with_heatmap: bool) -> Checkpoint:
+    """The checkpoint to export: a classifier (a `--variant masked` one with its segmenter inside), or a
+    lung segmenter, whose graph maps `input` (B, 1, S, S) to `logits` (B, 2, S, S) (background, lung)."""
+    meta = read_meta(source)
+    if checkpoint_task(meta) != TASK_SEGMENTATION:
+        return open_checkpoint(source, device="cpu")
+    if with_heatmap:
+        raise InputError(source, "--with-heatmap explains classifiers; this is a segmenter", "drop --with-heatmap")
+    net, meta = load_segmenter_checkpoint(source)
+    return Checkpoint(net, list(meta["classes"]), InputContract.from_dict(meta["contract"]), 0.0, meta)
 
 
 def _export_record(fmt: str, out: Path, source: Path, contract: InputContract) -> dict[str, Any]:

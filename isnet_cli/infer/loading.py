@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import resolve_model
+from isnet_cli.infer.checkpoint import TASK_CLASSIFICATION, resolve_model
 from isnet_cli.infer.onnx_runtime import OnnxModel, model_id
 from isnet_cli.io.contract import InputContract
 
@@ -37,10 +37,35 @@ class Checkpoint:
     meta: dict[str, Any]
 
     def lrp(self, rule: str = "epsilon") -> Any:
-        """The LRP engine for this model: its epsilon, zB bounds from the contract's value range."""
+        """The LRP engine for this model: its epsilon, zB bounds from the contract's value range. For the
+        segmenter-then-classifier pipeline: the classifier's relevance on the masked image."""
         from isnet_cli.lrp import LRP
+        from isnet_cli.pipeline import MaskedPipeline
 
+        if isinstance(self.model, MaskedPipeline):
+            classifier = self.model.classifier
+            inner = LRP(classifier, epsilon=self.epsilon, low=self.contract.low, high=self.contract.high, rule=rule)
+            return MaskedLRP(self.model, inner)
         return LRP(self.model, epsilon=self.epsilon, low=self.contract.low, high=self.contract.high, rule=rule)
+
+
+class MaskedLRP:
+    """LRP of a `MaskedPipeline`: the segmenter's mask is applied, then the classifier is explained (the
+    mask is a gate, not evidence: relevance outside it is 0 by construction, as the classifier saw air)."""
+
+    def __init__(self, pipeline: Any, lrp: Any) -> None:
+        self.pipeline, self.inner = pipeline, lrp
+
+    def __call__(self, x: Any, target: Any = "predicted") -> Any:
+        import torch
+
+        with torch.no_grad():
+            masked = self.pipeline.masked_input(x)
+        return self.inner(masked, target)
+
+    @property
+    def logits(self) -> Any:
+        return self.inner.logits
 
 
 def open_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
@@ -55,7 +80,7 @@ def open_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
 def checkpoint_path(model: str | Path | None, onnx_problem: str, onnx_fix: str, runs_dir: str | Path = "runs") -> Path:
     """Resolve `--model` for a command that needs the torch checkpoint; an `.onnx` file is refused with
     the command's own reason (`onnx_problem`) and fix."""
-    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
+    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir, task=TASK_CLASSIFICATION))
     if path.suffix.lower() == ".onnx":
         raise InputError(path, onnx_problem, onnx_fix)
     return path
@@ -127,7 +152,48 @@ def load_backend(model: str | Path | None, device: str = "auto", runs_dir: str |
 
     An `.onnx` model runs on onnxruntime and never imports torch.
     """
-    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir))
+    path = Path(resolve_model(None if model is None else str(model), runs_dir=runs_dir, task=TASK_CLASSIFICATION))
     if path.suffix.lower() == ".onnx":
         return OnnxModel(path, device=device)
     return TorchModel(path, device=device)
+
+
+def pipeline_stages(path: str | Path, repeats: int = 10) -> list[dict[str, Any]]:
+    """Parameters and measured latency (CPU, one image at the contract's size, median of `repeats` runs
+    after a warm-up) of each stage of a `--variant masked` checkpoint: the segmenter (its input resize and
+    mask included) and the classifier. Measured when asked: latency depends on the machine."""
+    import time
+
+    import torch
+
+    from isnet_cli.pipeline import parameter_count
+
+    checkpoint = open_checkpoint(path)
+    pipeline = checkpoint.model
+    c = checkpoint.contract
+    x = torch.rand(1, c.channels, c.size, c.size) * (c.high - c.low) + c.low
+
+    def median_ms(fn: Any) -> float:
+        with torch.inference_mode():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
+
+    with torch.inference_mode():
+        masked = pipeline.masked_input(x)
+    return [
+        {
+            "stage": "segmenter",
+            "parameters": parameter_count(pipeline.segmenter),
+            "latency_ms": median_ms(lambda: pipeline.lung_mask(x)),
+        },
+        {
+            "stage": "classifier",
+            "parameters": parameter_count(pipeline.classifier),
+            "latency_ms": median_ms(lambda: pipeline.classifier(masked)),
+        },
+    ]

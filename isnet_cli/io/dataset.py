@@ -64,6 +64,7 @@ class XrayDataset(Dataset):
     first decode nothing; `decode_count` counts decodes done by this process. Without a mask (and
     `require_masks=False`) the mask is all ones (no known background). Unlabelled samples get label -1.
     `mask_segment`: the label of the segment to use where a mask is a DICOM SEG (default: its lung segments).
+    `air_background` (`--variant masked`): x outside the (augmented) mask is replaced by that value.
     """
 
     def __init__(
@@ -75,8 +76,10 @@ class XrayDataset(Dataset):
         augment: bool = False,
         require_masks: bool = True,
         mask_segment: str | None = None,
+        air_background: float | None = None,
     ) -> None:
         self.samples = list(samples)
+        self.air_background = air_background
         self.classes = list(classes)
         self.contract = contract
         self.cache = None if cache_dir is None else ArrayCache(cache_dir)
@@ -161,5 +164,7 @@ class XrayDataset(Dataset):
         )
         if self.augment:
             x, m = augment_pair(x, m, c.low, c.high)
+        if self.air_background is not None:
+            x = x * m + self.air_background * (1.0 - m)
         label = -1 if sample.label is None else self._index[sample.label]
         return x, m, torch.tensor(label, dtype=torch.long)

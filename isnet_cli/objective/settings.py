@@ -9,15 +9,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-VARIANTS = ("selective", "stochastic", "original", "none")
+# "none": the standard classifier; "masked": the standard classifier on lung-masked images behind a segmenter
+# (the segmenter-then-classifier pipeline, `isnet_cli.pipeline`); neither has a heatmap loss.
+VARIANTS = ("selective", "stochastic", "original", "none", "masked")
+PLAIN_VARIANTS = ("none", "masked")
 METHODS = ("isnet", "rrr")
 # variant -> the LRP target explained during training ("original": one map per class)
 TARGETS = {"selective": "selective", "stochastic": "stochastic", "original": "all"}
 
 
 def uses_heatmap_loss(method: str, variant: str) -> bool:
-    """The ISNet heatmap loss (through LRP) is on for the ISNet method with any variant but `none`."""
-    return method == "isnet" and variant != "none"
+    """The ISNet heatmap loss (through LRP) is on for the ISNet method with any variant but the plain ones."""
+    return method == "isnet" and variant not in PLAIN_VARIANTS
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from isnet_cli.device import resolve_device
 from isnet_cli.errors import InputError
 from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.io.dataset import XrayDataset, read_dataset, split_samples
+from isnet_cli.pipeline import build_unet
 from isnet_cli.segment.config import SegmentConfig
-from isnet_cli.segment.model import build_unet, segmenter_meta
+from isnet_cli.segment.model import segmenter_meta
 from isnet_cli.train import run_folder
 from isnet_cli.train.state import set_determinism
 

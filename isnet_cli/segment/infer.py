@@ -26,10 +26,10 @@ from isnet_cli.errors import InputError
 from isnet_cli.infer.onnx_runtime import model_id
 from isnet_cli.infer.predict import Failure, iter_prepared, usable
 from isnet_cli.io.atomic import atomic_write_bytes
-from isnet_cli.io.contract import InputContract
 from isnet_cli.io.dicom_out import RunSeries, require_dicom, write_seg
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
+from isnet_cli.segment.model import Segmenter
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
 
 QC_COLUMNS = ("image", "mask", "ok", "contrast", "area_fraction", "components", "balance", "problems")
@@ -40,36 +40,32 @@ SEGMENTER_NAME = "isnet lung segmenter"
 
 @dataclass
 class Segmented:
-    """One input's result: the cleaned bool mask at the original geometry and its QC."""
+    """One input's result: the cleaned bool mask at the original geometry, its QC, and the decoded image
+    (H, W) in [0, 1] (for overlays)."""
 
     sample: Sample
     mask: np.ndarray
     qc: Qc
+    image: np.ndarray
 
 
 def predict_masks(
-    net: Any,
-    contract: InputContract,
+    segmenter: Segmenter,
     samples: list[Sample],
-    device: Any,
     batch_size: int = 8,
     fail_fast: bool = False,
     limits: QcLimits = QcLimits(),  # noqa: B008 (frozen, immutable)
 ) -> Iterator[Segmented | Failure]:
     """Masks and failures, in input order; an unreadable input raises with `fail_fast`, else is a `Failure`."""
-    import torch
-
-    for batch in iter_prepared(samples, contract, batch_size):
+    for batch in iter_prepared(samples, segmenter.contract, batch_size):
         good, failed = usable(batch, fail_fast)
         yield from failed
         if not good:
             continue
-        x = torch.from_numpy(np.stack([p.x[:1] for _, p in good])).to(device)
-        with torch.no_grad():
-            lung = torch.softmax(net(x).float(), dim=1)[:, 1].cpu().numpy()
+        lung = segmenter.lung(np.stack([p.x[:1] for _, p in good]))
         for (sample, prepared), prob in zip(good, lung, strict=True):
             mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
-            yield Segmented(sample, mask, quality(mask, prepared.image, limits))
+            yield Segmented(sample, mask, quality(mask, prepared.image, limits), prepared.image)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -78,6 +74,20 @@ def mask_png(mask: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_png(image: np.ndarray, mask: np.ndarray, ok: bool) -> bytes:
+    """The radiograph in grey with the mask's outline (2 px): green when QC passed, red when it flagged it."""
+    from PIL import Image
+    from scipy import ndimage
+
+    grey = (np.clip(image[..., 0] if image.ndim == 3 else image, 0.0, 1.0) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    outline = ndimage.binary_dilation(mask & ~ndimage.binary_erosion(mask))
+    rgb[outline] = (0, 220, 0) if ok else (230, 0, 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -193,8 +203,10 @@ def segment_inputs(
     progress: bool = False,
     fmt: str = "png",
     anonymize: bool = False,
+    overlay: Path | None = None,
 ) -> SegmentSummary:
-    """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv.
+    """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv; with
+    `overlay`, a contour overlay per input there (same relative name as its mask).
 
     Flagged masks are written and reported; `qc="exclude"` leaves them out of the manifest, `"keep"` keeps
     them, except empty masks, which `isnet train` cannot use and which are always left out. Unreadable
@@ -203,9 +215,8 @@ def segment_inputs(
     `seg` (DICOM inputs only; `anonymize` replaces the patient and study identifiers they copy).
     """
     from isnet_cli.console import make_progress, say, say_error
-    from isnet_cli.device import resolve_device
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.segment.model import load_segmenter
+    from isnet_cli.segment.model import open_segmenter
 
     if qc not in QC_CHOICES:
         raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
@@ -214,21 +225,19 @@ def segment_inputs(
     samples = expand_inputs(list(inputs))
     if fmt == "seg":
         require_dicom([s.image for s in samples], "--format seg")  # a SEG references its image by UID
-    torch_device = resolve_device(device)
-    net, meta, path = load_segmenter(model, torch_device)
-    contract = InputContract.from_dict(meta["contract"])
-    say(f"segmenter {path} (MONAI U-Net, {contract.size} px input, torch {torch_device})")
+    segmenter = open_segmenter(model, device)
+    say(f"segmenter {segmenter.path} (MONAI U-Net, {segmenter.contract.size} px input, {segmenter.description})")
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
     names = MaskNames(samples, ".dcm" if fmt == "seg" else ".png")
-    series, segmenter_id = RunSeries(), model_id(path)  # one SEG Series per run and Study
+    series, segmenter_id = RunSeries(), model_id(segmenter.path)  # one SEG Series per run and Study
     qc_file = QcFile(out / "qc.csv")
     kept: dict[str, str] = {}
     written = flagged = failed = 0
     try:
         with make_progress(progress and len(samples) > 1) as bar:
             task = bar.add_task("segment", total=len(samples))
-            for item in predict_masks(net, contract, samples, torch_device, batch_size, fail_fast):
+            for item in predict_masks(segmenter, samples, batch_size, fail_fast):
                 bar.advance(task)
                 if isinstance(item, Failure):
                     failed += 1
@@ -249,6 +258,9 @@ def segment_inputs(
                     )
                 else:
                     atomic_write_bytes(out / name, mask_png(item.mask))
+                if overlay is not None:
+                    png = overlay_png(item.image, item.mask, item.qc.ok)
+                    atomic_write_bytes(overlay / Path(name.removeprefix("masks/")).with_suffix(".png"), png)
                 written += 1
                 qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
                 use = item.qc.ok or (qc == "keep" and not item.qc.empty)

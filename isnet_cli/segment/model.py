@@ -3,36 +3,33 @@
 A segmenter checkpoint is an isnet checkpoint (safetensors + JSON metadata, `isnet_cli.infer.checkpoint`)
 with `task: segmentation`, `arch: monai-unet` and the U-Net's hyper-parameters under `unet`; loading
 rebuilds the network from that JSON and loads plain tensors, so it never executes code from the file.
+`open_segmenter` runs a checkpoint on torch or an exported `.onnx` on onnxruntime (no torch) behind one
+interface; without `--model` it is the bundled demonstration segmenter (`models/lung-segmenter/`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import numpy as np
 
 from isnet_cli.errors import InputError
-from isnet_cli.infer.checkpoint import read_meta, resolve_model
+from isnet_cli.infer.checkpoint import TASK_SEGMENTATION, checkpoint_task, load_segmenter_checkpoint, resolve_model
 from isnet_cli.io.contract import InputContract
 
-TASK = "segmentation"
+if TYPE_CHECKING:
+    from torch import nn
+
+TASK = TASK_SEGMENTATION
+# The bundled demonstration segmenter (models/lung-segmenter/, see its card.md); ISNET_SEGMENTER overrides it.
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "lung-segmenter" / "lung-segmenter.safetensors"
+BUNDLED_ENV = "ISNET_SEGMENTER"
 ARCH = "monai-unet"
 CLASSES = ["background", "lung"]
-
-
-def build_unet(unet: dict[str, Any]) -> nn.Module:
-    """MONAI UNet (spatial_dims 2, in 1, out 2) with the recorded `channels`, `strides`, `num_res_units`."""
-    from monai.networks.nets import UNet
-
-    return UNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=len(CLASSES),
-        channels=tuple(unet["channels"]),
-        strides=tuple(unet["strides"]),
-        num_res_units=int(unet["num_res_units"]),
-    )
 
 
 def segmenter_meta(unet: dict[str, Any], contract: InputContract, row: dict[str, Any], data: dict[str, Any]) -> dict:
@@ -51,26 +48,75 @@ def segmenter_meta(unet: dict[str, Any], contract: InputContract, row: dict[str,
     }
 
 
+def default_segmenter(runs_dir: str | Path = "runs") -> Path:
+    """The segmenter used when none is named: $ISNET_SEGMENTER, else the bundled one, else (an install
+    without models/) the newest segmenter run under `runs_dir`."""
+    if os.environ.get(BUNDLED_ENV):
+        return resolve_model(os.environ[BUNDLED_ENV])
+    if BUNDLED.is_file():
+        return BUNDLED
+    return resolve_model(None, runs_dir=runs_dir, task=TASK)
+
+
 def load_segmenter(model: str | Path | None, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
-    """`--model` (checkpoint or run folder) -> (U-Net in eval mode on `device`, metadata, checkpoint path).
+    """`--model` (checkpoint or run folder; None = `default_segmenter()`) -> (U-Net in eval mode on
+    `device`, metadata, checkpoint path).
 
     A classifier checkpoint or an ONNX file is refused with a one-line error.
     """
-    from safetensors.torch import load_file
-
-    if model is None:
-        raise InputError(None, "no segmenter given", "pass --model RUN (a run folder of `isnet segment train`)")
-    path = resolve_model(model)
+    path = default_segmenter() if model is None else resolve_model(model)
     if path.suffix.lower() == ".onnx":
-        raise InputError(path, "ONNX segmenters are not supported yet", "pass the checkpoint or its run folder")
-    meta = read_meta(path)
-    if meta.get("task") != TASK:
-        raise InputError(
-            path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
-        )
-    net = build_unet(meta["unet"])
-    try:
-        net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
-    except RuntimeError as exc:
-        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
-    return net.to(device).eval(), meta, path
+        raise InputError(path, "this needs the torch checkpoint, not an ONNX export", "pass the .safetensors file")
+    net, meta = load_segmenter_checkpoint(path, device)
+    return net, meta, path
+
+
+@dataclass
+class Segmenter:
+    """A loaded segmenter, on torch or on onnxruntime: `lung(x)` maps inputs (B, 1, S, S) float32,
+    preprocessed by `contract`, to the lung probability (B, S, S)."""
+
+    path: Path
+    meta: dict[str, Any]
+    contract: InputContract
+    description: str
+    lung: Callable[[np.ndarray], np.ndarray]
+
+
+def open_segmenter(model: str | Path | None, device: str = "auto") -> Segmenter:
+    """`--model` (checkpoint, run folder or exported .onnx; None = `default_segmenter()`) -> `Segmenter`.
+    An .onnx segmenter runs on onnxruntime and never imports torch."""
+    path = default_segmenter() if model is None else resolve_model(model)
+    if path.suffix.lower() == ".onnx":
+        return _onnx_segmenter(path, device)
+    import torch
+
+    from isnet_cli.device import resolve_device
+
+    torch_device = resolve_device(device)
+    net, meta = load_segmenter_checkpoint(path, torch_device)
+
+    def lung(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch_device))
+            return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+
+    return Segmenter(path, meta, InputContract.from_dict(meta["contract"]), f"torch {torch_device}", lung)
+
+
+def _onnx_segmenter(path: Path, device: str) -> Segmenter:
+    """An exported segmenter (`isnet export` of a segmenter run) on onnxruntime."""
+    from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, make_session, read_onnx_meta
+
+    meta = read_onnx_meta(path)
+    if checkpoint_task(meta) != TASK:
+        raise InputError(path, "not a segmenter (an exported classifier)", "export a run of `isnet segment train`")
+    session = make_session(path, device)
+
+    def lung(x: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([LOGITS_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted[:, 1] / shifted.sum(axis=1)
+
+    provider = session.get_providers()[0].replace("ExecutionProvider", "")
+    return Segmenter(path, meta, InputContract.from_dict(meta["contract"]), f"onnxruntime {provider}", lung)

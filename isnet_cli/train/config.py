@@ -19,6 +19,8 @@ from isnet_cli.objective.tuning import parse_cut
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
 SELECT_BY = ("loss", "accuracy", "auroc", "macro_f1")
+# --masks: every image needs its own mask (given), or a segmenter fills the missing ones (auto)
+MASK_SOURCES = ("given", "auto")
 # Default --bg-swap of the ISNet variants: every training image gets another image's background
 # (measured in benchmarks/convergence.py: 0.5 left the model using the marker a little).
 ISNET_BG_SWAP = 1.0
@@ -86,6 +88,10 @@ class TrainConfig:
     max_bad_steps: int = 10
     devices: int = 1
     no_progress: bool = False
+    masks: str = "given"
+    segmenter: str | None = None  # None: the bundled lung segmenter (`isnet_cli.segment.model.default_segmenter`)
+    # Set by --masks auto (not an option): segmenter path and id, the original DATA/--val, mask counts
+    auto_masks: dict[str, Any] | None = None
 
     # Fields that only say how/where to run, not what is trained: `--resume` may change them.
     RUNTIME = ("device", "devices", "workers", "no_progress", "epochs", "cache")
@@ -115,6 +121,7 @@ class TrainConfig:
             ("val-fraction", 0.0 < self.val_fraction < 1.0, "a number in (0, 1)"),
             ("max-bad-steps", self.max_bad_steps >= 1, "at least 1"),
             ("lds-decay", 0.0 <= self.lds_decay <= 1.0, "a number in [0, 1]"),
+            ("masks", self.masks in MASK_SOURCES, f"one of {', '.join(MASK_SOURCES)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -137,6 +144,10 @@ class TrainConfig:
             raise InputError(
                 None, "no training data given", "pass DATA (a manifest CSV or folder) or data: in --config"
             )
+        if self.masked and self.method != "isnet":
+            raise InputError(None, "--variant masked is a plain classifier behind a segmenter", "drop --method rrr")
+        if self.segmenter and self.masks != "auto" and not self.masked:
+            raise InputError(None, "--segmenter is used by --masks auto and --variant masked", "add --masks auto")
 
     @property
     def uses_lrp_loss(self) -> bool:
@@ -177,8 +188,13 @@ class TrainConfig:
         return [name.strip() for name in self.lds_layers.split(",") if name.strip()]
 
     @property
+    def masked(self) -> bool:
+        """The segmenter-then-classifier pipeline: trained on images with the background replaced by air."""
+        return self.variant == "masked"
+
+    @property
     def needs_masks(self) -> bool:
-        return self.uses_lrp_loss or self.method == "rrr" or self.background_swap > 0
+        return self.uses_lrp_loss or self.method == "rrr" or self.background_swap > 0 or self.masked
 
     @property
     def background_swap(self) -> float:
@@ -213,7 +229,10 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for key in ("name", "no_progress"):
             d.pop(key)
-        for key in ("data", "val", "ood", "out", "cache"):
+        auto = d.pop("auto_masks")
+        if auto:  # re-run from the user's data: the completed manifests are regenerated (or cached)
+            d["data"], d["val"] = auto["data"], auto["val"]
+        for key in ("data", "val", "ood", "out", "cache", "segmenter"):
             if d[key]:
                 d[key] = str(Path(d[key]).resolve())
         return d

@@ -170,8 +170,12 @@ class TrainSets:
 def make_sets(cfg: TrainConfig, data: DataBundle, contract: InputContract, rank: int, world: int) -> TrainSets:
     """Datasets over the bundle's samples (decoded arrays cached in --cache, default OUT/.cache)."""
     kw = {"cache_dir": Path(cfg.cache) if cfg.cache else Path(cfg.out) / ".cache", "mask_segment": cfg.mask_segment}
-    train = XrayDataset(data.train, data.classes, contract, augment=cfg.augment, require_masks=cfg.needs_masks, **kw)
-    val = XrayDataset(data.val, data.classes, contract, require_masks=cfg.needs_masks, **kw)
+    # --variant masked: the classifier sees the lungs only, the background replaced by air
+    masked = {"air_background": contract.low if cfg.masked else None}
+    train = XrayDataset(
+        data.train, data.classes, contract, augment=cfg.augment, require_masks=cfg.needs_masks, **masked, **kw
+    )
+    val = XrayDataset(data.val, data.classes, contract, require_masks=cfg.needs_masks, **masked, **kw)
     ood = XrayDataset(data.ood, data.classes, contract, require_masks=False, **kw) if data.ood else None
     per_rank = math.ceil(len(train) / world)
     drop_last = per_rank > cfg.batch_size

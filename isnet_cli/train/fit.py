@@ -26,6 +26,7 @@ from torch import nn
 
 from isnet_cli.console import console, make_progress
 from isnet_cli.distributed import Dist, process_group
+from isnet_cli.errors import InputError
 from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.objective.objective import Objective
 from isnet_cli.objective.settings import Cuts
@@ -71,6 +72,14 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best_row: dict[str, Any] | None = None
     health: Health = field(default_factory=lambda: Health("ok", ""))
+    # --variant masked: the segmenter-then-classifier module saved in the checkpoints, and its record
+    pipeline: nn.Module | None = None
+    segmenter: dict[str, Any] | None = None
+
+    @property
+    def saved_model(self) -> nn.Module:
+        """What the checkpoints hold: the classifier, or with --variant masked the whole pipeline."""
+        return self.pipeline if self.pipeline is not None else self.model
 
     @property
     def main(self) -> bool:
@@ -90,7 +99,8 @@ class Run:
 
     def meta(self, row: dict[str, Any]) -> dict[str, Any]:
         """Checkpoint metadata after the epoch of `row`."""
-        return checkpoint_meta(self.cfg, self.data.classes, self.trainer.contract, self.cuts, self.data.summary, row)
+        meta = checkpoint_meta(self.cfg, self.data.classes, self.trainer.contract, self.cuts, self.data.summary, row)
+        return {**meta, "segmenter": self.segmenter} if self.segmenter else meta
 
     @property
     def majority(self) -> float:
@@ -157,7 +167,10 @@ def _fit(cfg: TrainConfig, resuming: bool, info: Dist, stop: StopFlag, on_step: 
     if resumed is not None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(run_dir / "last.safetensors"), device=str(trainer.device)))
+        weights = load_file(str(run_dir / "last.safetensors"), device=str(trainer.device))
+        if cfg.masked:  # the checkpoint holds the pipeline: take the classifier's part
+            weights = {k.removeprefix("classifier."): v for k, v in weights.items() if k.startswith("classifier.")}
+        model.load_state_dict(weights)
     with make_progress(trainer.progress_on, _stats_column()) as progress:
         run = _start(cfg, trainer, model, run_dir, resumed, progress)
         for epoch in range(run.state.epoch, cfg.epochs):
@@ -191,12 +204,47 @@ def _start(
         )
     opt, sched = trainer.make_optimizer(model)
     run = Run(cfg, trainer, run_dir, model, objective, opt, sched, RunState(cuts=cuts))
+    if cfg.masked:
+        run.pipeline, run.segmenter = _pipeline(cfg, model, trainer)
     if resumed is not None:
         _resume(run, resumed)
     if run.main:
         _write_config(run)
     run.health = run.assess()
     return run
+
+
+def _pipeline(cfg: TrainConfig, model: nn.Module, trainer: Trainer) -> tuple[nn.Module, dict[str, Any]]:
+    """--variant masked: the segmenter (`--segmenter`) around the classifier, and its checkpoint record.
+    Its input contract must place the radiograph like the classifier's (same resize and window)."""
+    from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model
+    from isnet_cli.infer.onnx_runtime import model_id
+    from isnet_cli.io.contract import InputContract
+    from isnet_cli.pipeline import MaskedPipeline, parameter_count
+
+    if not cfg.segmenter:
+        raise InputError(None, "--variant masked needs a segmenter", "pass --segmenter RUN")
+    path = resolve_model(cfg.segmenter)
+    net, meta = load_segmenter_checkpoint(path, trainer.device)
+    seg_contract, contract = InputContract.from_dict(meta["contract"]), trainer.contract
+    for key in ("resize", "window"):
+        if getattr(seg_contract, key) != getattr(contract, key):
+            raise InputError(
+                path,
+                f"the segmenter's --{key} is {getattr(seg_contract, key)}, the classifier's {getattr(contract, key)}",
+                f"train the classifier with --{key} {getattr(seg_contract, key)}",
+            )
+    for p in net.parameters():
+        p.requires_grad_(False)
+    record = {
+        "source": str(path.resolve()),
+        "id": model_id(path),
+        "unet": meta["unet"],
+        "contract": meta["contract"],
+        "parameters": parameter_count(net),
+        "metrics": meta.get("metrics"),
+    }
+    return MaskedPipeline(model, net, seg_contract.size, contract.low), record
 
 
 def _resolve_cut(cfg: TrainConfig, trainer: Trainer, model: nn.Module, progress: Any, resumed: RunState | None) -> Cuts:
@@ -325,7 +373,7 @@ def _save_interrupted(run: Run, epoch: int, step: int) -> None:
     run.trainer.broadcast_buffers(run.model)
     last = run.run_dir / "last.safetensors"
     if run.main:
-        save_checkpoint(last, run.model, run.meta({"epoch": epoch, "partial_steps": step}))
+        save_checkpoint(last, run.saved_model, run.meta({"epoch": epoch, "partial_steps": step}))
     _save_state(run, epoch, step)
     if run.main:
         run_folder.write_metrics(run.run_dir / STEPS_FILE, run.trainer.step_rows, run_folder.STEP_COLUMNS)
@@ -338,9 +386,9 @@ def _save_interrupted(run: Run, epoch: int, step: int) -> None:
 def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> None:
     """End-of-epoch writes (rank 0): checkpoints, resume state, metrics, figures, model card, one line."""
     if run.main:
-        save_checkpoint(run.run_dir / "last.safetensors", run.model, run.meta(row))
+        save_checkpoint(run.run_dir / "last.safetensors", run.saved_model, run.meta(row))
         if improved:
-            save_checkpoint(run.run_dir / "best.safetensors", run.model, run.meta(row))
+            save_checkpoint(run.run_dir / "best.safetensors", run.saved_model, run.meta(row))
     _save_state(run, epoch + 1, 0)
     if not run.main:
         return

@@ -318,4 +318,5 @@ def checkpoint_meta(
         "metrics": row,
         "data": data_summary,
         "epoch": row.get("epoch"),
+        **({"auto_masks": cfg.auto_masks} if cfg.auto_masks else {}),
     }
