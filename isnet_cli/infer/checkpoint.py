@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 FORMAT = "isnet-checkpoint/1"
 CHECKPOINT_SUFFIX = ".safetensors"
 MODEL_SUFFIXES = (CHECKPOINT_SUFFIX, ".onnx")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 _META_KEY = "isnet"
 TASK_CLASSIFICATION = "classification"
 TASK_SEGMENTATION = "segmentation"
@@ -188,6 +189,12 @@ def resolve_model(arg: str | Path | None, runs_dir: str | Path = "runs", task: s
         raise InputError(path, "run folder holds no best/last checkpoint", "pass a checkpoint file or another run")
     if not path.is_file():
         raise InputError(path, "model not found", "pass a checkpoint, a run folder or an exported .onnx")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(
+            path,
+            "pickled torch files are refused: unpickling can run any code the file's author chose",
+            "load it yourself only if you trust it, and save a safetensors checkpoint (or use --weights with audit)",
+        )
     if path.suffix not in MODEL_SUFFIXES:
         raise InputError(
             path, f"unsupported model file type '{path.suffix}'", f"use one of {', '.join(MODEL_SUFFIXES)}"

@@ -106,6 +106,35 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(props[META_KEY])
 
 
+# What must agree between a sidecar and the model it sits beside: a mismatch would give wrong class names.
+_MATCHED_KEYS = ("arch", "num_classes", "classes", "contract")
+
+
+def check_sidecar(path: Path, meta: dict[str, Any], session: Any) -> None:
+    """Refuse a model whose sidecar does not describe it: the metadata embedded in the ONNX file at export
+    (when there) must agree on arch, classes and input contract, and the graph must output one logit per class.
+    A sidecar copied from another export, or edited, would otherwise relabel every prediction."""
+    side = sidecar_path(path)
+    embedded_raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if embedded_raw is not None:
+        try:
+            embedded = json.loads(embedded_raw)
+        except json.JSONDecodeError:
+            embedded = {}
+        differ = [k for k in _MATCHED_KEYS if k in embedded and embedded.get(k) != meta.get(k)]
+        if differ:
+            raise ModelError(
+                f"{path}: sidecar {side.name} does not match the model (different {', '.join(differ)}); "
+                "re-export the model, or remove the stray sidecar"
+            )
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(meta.get("classes", [])):
+        raise ModelError(
+            f"{path}: the model outputs {width} logits but its metadata names {len(meta.get('classes', []))} "
+            f"classes; re-export the model"
+        )
+
+
 class OnnxModel:
     """An exported classifier on onnxruntime: `logits(x)` for x float32 (B, C, S, S) -> (B, K).
 
@@ -121,6 +150,7 @@ class OnnxModel:
         self.model_id = model_id(self.path)
         self.device = device
         self.session = make_session(self.path, device)
+        check_sidecar(self.path, self.meta, self.session)
         self.provider = self.session.get_providers()[0]
         self._heatmap_session: Any = None
 

@@ -3,9 +3,15 @@ goes through `atomic_write_bytes`, so a killed process never leaves half a file 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from isnet_cli.errors import IsnetError
+
+# Write failures that are the disk's, not a bug: reported on one line, the previous file left as it was.
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
@@ -25,6 +31,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            kept = "the previous version is intact" if path.exists() else "nothing was written"
+            raise IsnetError(
+                f"{path}: cannot write {len(data):,} bytes ({os.strerror(exc.errno)}); {kept}; "
+                "free disk space (or raise the quota / file-size limit) and run again"
+            ) from None
         raise

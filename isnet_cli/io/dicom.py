@@ -18,6 +18,7 @@ import numpy as np
 
 from isnet_cli.errors import InputError
 from isnet_cli.io.decoded import Decoded, brief, has_dicom_magic, scale_range
+from isnet_cli.io.limits import check_pixels, require_finite
 
 COMPRESSIONS = ("rle", "jpeg2000", "jpeg2000-lossy", "jpegls")
 
@@ -33,6 +34,8 @@ def _read_dataset(path: Path) -> tuple[Any, dict[str, Any]]:
         ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
         raise InputError(path, f"not a readable DICOM file ({brief(exc)})") from None
+    except MemoryError:  # a corrupted element length can claim gigabytes
+        raise InputError(path, "not a readable DICOM file (an element claims more memory than there is)") from None
     record: dict[str, Any] = {"format": "dicom", "preamble": preamble, "read_with_force": not preamble}
     if "PixelData" not in ds:
         hint = "" if preamble else " (not a DICOM file?)"
@@ -171,10 +174,25 @@ def read_dicom(
     """DICOM file -> Decoded; `window`: dicom-window (VOI LUT, else window, else minmax), minmax, percentile."""
     path = Path(path)
     ds, record = _read_dataset(path)
+    try:
+        return _decode(path, ds, record, window, percentiles)
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(path, "not enough memory to decode this image", "check its size, or free memory") from None
+    except Exception as exc:  # a broken or hostile header breaks the pipeline in many ways; none may escape
+        raise InputError(path, f"malformed DICOM header ({brief(exc)})", "re-export the file") from None
+
+
+def _decode(path: Path, ds: Any, record: dict[str, Any], window: str, percentiles: tuple[float, float]) -> Decoded:
+    """The pixel pipeline of `read_dicom` on a dataset whose header has been read."""
     _check_supported(path, ds)
+    check_pixels(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))  # before decoding
     try:
         stored = ds.pixel_array
-    except Exception as exc:  # decoders raise many types (ValueError, RuntimeError, plugin errors)
+    except BaseException as exc:  # decoders raise many types (ValueError, RuntimeError, plugin errors)
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit; a Rust decoder's panic (pylibjpeg-rle) is the file's fault
         raise InputError(
             path,
             f"cannot decode pixel data ({record['transfer_syntax']}): {brief(exc)}",
@@ -199,6 +217,7 @@ def read_dicom(
     record.update(pad_info)
     valid = None if pad is None else ~pad
     values, record["modality_lut"] = _modality(ds, stored)
+    require_finite(path, np.asarray(values), f"the modality transform ({record['modality_lut']})")
 
     image: np.ndarray | None = None
     if window == "dicom-window":
@@ -220,6 +239,7 @@ def read_dicom(
         image, scaling = scale_range(values.astype(np.float64), policy, percentiles, valid)
         record["voi"] = scaling["scaling"]
         record["range"] = scaling["range"]
+    require_finite(path, image, f"the VOI transform ({record['voi']})")
     if photometric == "MONOCHROME1":
         image = 1.0 - image  # MONOCHROME1: high values are dark; invert so that air is dark everywhere
     record["inverted"] = photometric == "MONOCHROME1"

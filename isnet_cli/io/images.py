@@ -21,6 +21,7 @@ from isnet_cli.io.colour import is_colour_dicom, read_colour_dicom
 from isnet_cli.io.contract import WINDOW_POLICIES
 from isnet_cli.io.decoded import Decoded, brief, has_dicom_magic, scale_range
 from isnet_cli.io.dicom import read_dicom
+from isnet_cli.io.limits import check_pixels, require_finite
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -103,6 +104,7 @@ def read_pillow_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[s
 
     try:
         with Image.open(path) as im:
+            check_pixels(path, *im.size)  # before decoding: the header alone may claim gigapixels
             n_frames = getattr(im, "n_frames", 1)
             if n_frames > 1:
                 raise InputError(path, f"multi-page image ({n_frames} pages) is not supported", "save one page")
@@ -112,6 +114,9 @@ def read_pillow_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[s
             arr = np.asarray(im)
     except InputError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own guard, hit at open() for the largest claims
+        check_pixels(path, *_claimed_size(path))
+        raise InputError(path, "image is a decompression bomb (Pillow refused it)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(path, f"cannot read image ({brief(exc)})") from None
     arr, converted = keep_colour(arr) if channels == 3 else to_grey(arr)
@@ -121,13 +126,31 @@ def read_pillow_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[s
     return arr, record
 
 
+def _claimed_size(path: Path) -> tuple[int, int]:
+    """Width and height a Pillow-refused file claims, read without Pillow's bomb guard (header only)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            return im.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def read_itk_array(path: Path, channels: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
     """Raw 2-D pixel array of a NIfTI/MHA/NRRD file; singleton dimensions squeezed, anything else refused.
     Vector pixels become grey, or stay RGB with `channels=3`."""
     import SimpleITK as sitk
 
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        check_pixels(path, int(size[0]), int(np.prod(size[1:], dtype=np.int64)) if len(size) > 1 else 1)
+        img = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(path, f"cannot read image ({first})") from None
@@ -181,6 +204,7 @@ def load_image(
         nominal = 8 if arr.dtype.itemsize == 1 else 16 if arr.max() < 2**16 else 8 * arr.dtype.itemsize
         image, scaling = scale_unsigned(arr, nominal)
     else:
+        require_finite(path, arr, "the image")
         policy = "minmax" if window == "dicom-window" else window
         image, scaling = scale_range(arr.astype(np.float64), policy, percentiles)
         if window == "dicom-window":

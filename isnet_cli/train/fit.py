@@ -167,10 +167,13 @@ def _fit(cfg: TrainConfig, resuming: bool, info: Dist, stop: StopFlag, on_step: 
     if resumed is not None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(run_dir / "last.safetensors"), device=str(trainer.device))
-        if cfg.masked:  # the checkpoint holds the pipeline: take the classifier's part
-            weights = {k.removeprefix("classifier."): v for k, v in weights.items() if k.startswith("classifier.")}
-        model.load_state_dict(weights)
+        if resumed.weights:  # the model's weights, saved in the same atomic write as the state
+            weights = resumed.weights
+        else:  # a state from before that: last.safetensors was written with it (a pipeline's holds both stages)
+            weights = load_file(str(run_dir / "last.safetensors"))
+            if cfg.masked:
+                weights = {k.removeprefix("classifier."): v for k, v in weights.items() if k.startswith("classifier.")}
+        model.load_state_dict({k: v.to(trainer.device) for k, v in weights.items()})
     with make_progress(trainer.progress_on, _stats_column()) as progress:
         run = _start(cfg, trainer, model, run_dir, resumed, progress)
         for epoch in range(run.state.epoch, cfg.epochs):
@@ -365,7 +368,7 @@ def _save_state(run: Run, epoch: int, step: int) -> None:
     state = run.state
     state.epoch, state.step, state.skipped = epoch, step, run.trainer.skipped_total
     state.best_epoch = run.best_row.get("epoch") if run.best_row else None
-    state.capture(run.opt, run.sched, rng).save(run.run_dir)
+    state.capture(run.opt, run.sched, rng, run.model).save(run.run_dir)
 
 
 def _save_interrupted(run: Run, epoch: int, step: int) -> None:

@@ -1,5 +1,6 @@
-"""Everything a resumed run needs besides the weights, saved and loaded in one place (`RunState`,
-`last.state.pt`), and the random-number state it restores.
+"""Everything a resumed run needs, saved and loaded in one place (`RunState`, `last.state.pt`), and the
+random-number state it restores. The state carries its own copy of the weights, written in the same
+atomic write, so that a run killed between two files still resumes from a consistent point.
 
 Under `deterministic` a resumed run ends with the same weights as an uninterrupted one: the state
 holds the optimizer, the scheduler, every rank's RNG states, the epoch and step to continue at, the
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from isnet_cli.errors import InputError
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.objective.settings import Cuts
 from isnet_cli.train.run_folder import STATE_FILE
@@ -72,9 +74,17 @@ class RunState:
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     rng: list[dict[str, Any]] = field(default_factory=list)
+    # The model weights this state continues from, saved in the same atomic write: a kill between writing
+    # last.safetensors and this file can then never pair new weights with an old optimizer and epoch.
+    weights: dict[str, torch.Tensor] | None = None
 
-    def capture(self, opt: torch.optim.Optimizer, sched: Any, rng: list[dict[str, Any]]) -> RunState:
-        """This state with the optimizer's and scheduler's current state dicts and the ranks' RNG states."""
+    def capture(
+        self, opt: torch.optim.Optimizer, sched: Any, rng: list[dict[str, Any]], model: torch.nn.Module | None = None
+    ) -> RunState:
+        """This state with the optimizer's and scheduler's current state dicts, the ranks' RNG states and the
+        model's weights."""
+        if model is not None:
+            self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.optimizer = opt.state_dict()
         self.scheduler = sched.state_dict() if sched is not None else None
         self.rng = rng
@@ -104,6 +114,7 @@ class RunState:
             "cut": list(cuts.input) if cuts.input else None,
             "cut_source": cuts.source,
             "lds_cuts": cuts.record()["lds_cuts"],
+            "weights": self.weights,
         }
 
     @classmethod
@@ -124,6 +135,7 @@ class RunState:
             optimizer=state["optimizer"],
             scheduler=state.get("scheduler"),
             rng=state["rng"],
+            weights=state.get("weights"),
         )
 
     def save(self, run_dir: Path) -> None:
@@ -135,4 +147,18 @@ class RunState:
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
         """Read the run folder's `last.state.pt`."""
-        return cls.from_dict(torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True))
+        path = run_dir / STATE_FILE
+        try:
+            # weights_only: a state file that holds anything but tensors and plain values is refused
+            # before any of it runs (a crafted pickle would otherwise execute code on --resume)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise InputError(path, "resume state missing", "resume a run folder written by `isnet train`") from None
+        except Exception as exc:
+            raise InputError(
+                path,
+                f"refused: not a weights-only training state ({type(exc).__name__}); "
+                "loading it could run code or it is damaged",
+                "start a new run, or resume from a state file that isnet wrote",
+            ) from None
+        return cls.from_dict(state)
