@@ -55,7 +55,9 @@ for line in sys.stdin:
         out = {"outcome": "error" if clean else "crash", "detail": msg}
     except BaseException as exc:
         out = {"outcome": "crash", "detail": f"{type(exc).__name__}: {exc}"[:300]}
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would include the RSS of the process that forked it)
+    with open("/proc/self/status") as status:
+        out["rss_mb"] = next(int(v.split()[1]) for v in status if v.startswith("VmHWM:")) / 1024
     print(json.dumps(out), flush=True)
 """
 
