@@ -16,6 +16,7 @@ from isnet_cli.commands import options as opt
 @click.argument("data", type=click.Path(exists=True))
 @opt.model_option()
 @opt.out_dir_option("audit.json and audit_worst.png", "audit")
+@opt.exist_ok_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @opt.label_column_option
 @click.option(
@@ -30,6 +31,7 @@ def command(
     data: str,
     model: str | None,
     out_dir: str | None,
+    exist_ok: bool,
     as_json: bool,
     label_column: str | None,
     worst: int,
@@ -63,6 +65,8 @@ def command(
 
     spec = read_dataset(data, label_column=label_column, require_labels=False)
     backend = load_backend(model, device=device)
+    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "audit")
+    opt.refuse_existing_output(out, exist_ok)  # before the audit runs: a refused run costs nothing
     say(f"model {backend.model_id}: {backend.description}")
     if not backend.has_relevance:
         say("no relevance for this model (ONNX without --with-heatmap): counterfactual tests only")
@@ -83,7 +87,6 @@ def command(
         say_error(failure["error"])
     summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
     summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
-    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "audit")
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)
     sheet = out / "audit_worst.png"

@@ -33,6 +33,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 @click.argument("data", type=click.Path(exists=True))
 @opt.model_option()
 @opt.out_dir_option("report.json, confusion.png, roc.png", "eval")
+@opt.exist_ok_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.option(
     "--compare",
@@ -53,6 +54,7 @@ def command(
     data: str,
     model: str | None,
     out_dir: str | None,
+    exist_ok: bool,
     as_json: bool,
     compare_model: str | None,
     label_column: str | None,
@@ -83,6 +85,8 @@ def command(
     spec = read_dataset(data, label_column=label_column)
     backend = load_backend(model, device=device)
     check_threshold(threshold, backend.classes)
+    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "eval")
+    opt.refuse_existing_output(out, exist_ok)  # before scoring: a refused run costs nothing
     say(f"model {backend.model_id}: {backend.description}")
     labels = label_indices(spec.samples, backend.classes, data)
     opts = {"batch_size": batch_size, "relevance": relevance, "fail_fast": fail_fast, "no_progress": no_progress}
@@ -107,7 +111,6 @@ def command(
             "model_b": {"file": str(other.path), "model_id": other.model_id, "arch": other.meta.get("arch")},
             **compare_models(scored, other_scored, backend.classes),
         }
-    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "eval")
     write_report(report, scored, out)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -11,9 +11,11 @@ import click
 from isnet_cli.commands.options import (
     anonymize_option,
     device_option,
+    exist_ok_option,
     fail_fast_option,
     model_option,
     no_progress_option,
+    refuse_existing_output,
 )
 from isnet_cli.lrp.names import RULES
 from isnet_cli.report.explain import OUT_FORMATS
@@ -72,6 +74,7 @@ from isnet_cli.report.explain import OUT_FORMATS
     help="LRP rule for conv/linear layers (zB at the first layer in all cases).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
+@exist_ok_option
 @device_option
 @fail_fast_option()
 @no_progress_option
@@ -90,6 +93,7 @@ def command(
     side_by_side: bool,
     rule: str,
     as_json: bool,
+    exist_ok: bool,
     device: str,
     fail_fast: bool,
     no_progress: bool,
@@ -117,7 +121,7 @@ def command(
         raise click.UsageError("--mask goes with a single INPUT; use a manifest with a mask column for several")
     if fmt == "dcm":
         require_dicom([s.image for s in samples], "--format dcm")  # a Secondary Capture references its source
-    out_path, raw_path = _outputs(single, out, raw, fmt)
+    out_path, raw_path = _outputs(single, out, raw, fmt, exist_ok)
     explainer = load_explainer(model, arch=arch, weights=weights, rule=rule, device=device)
     explainer.resolve_target(target)  # a bad --target fails before any work
     done = []
@@ -162,8 +166,14 @@ def _is_single(inputs: tuple[str, ...], samples: list[Any]) -> bool:
     return single and not first.lower().endswith(".csv")
 
 
-def _outputs(single: bool, out: str, raw: str | None, fmt: str = "png") -> tuple[Path, Path | None]:
-    """--out and --raw checked: files for a single input (named .`fmt`), folders (created) for several."""
+def _outputs(
+    single: bool, out: str, raw: str | None, fmt: str = "png", exist_ok: bool = False
+) -> tuple[Path, Path | None]:
+    """--out and --raw checked: files for a single input (named .`fmt`), folders (created) for several.
+
+    Existing outputs are refused (unless `exist_ok`) here, before the model is loaded, so that a
+    refused run has written nothing.
+    """
     out_path = Path(out)
     raw_path = None if raw is None else Path(raw)
     kind = {"png": "PNG", "dcm": "DICOM file"}[fmt]
@@ -172,9 +182,13 @@ def _outputs(single: bool, out: str, raw: str | None, fmt: str = "png") -> tuple
             raise click.UsageError(f"--out {out}: one input gives one {kind}; name a .{fmt} file")
         if raw_path is not None and not raw_path.name.lower().endswith((".npy", ".nii.gz", ".nii")):
             raise click.UsageError(f"--raw {raw}: use a .npy or .nii.gz file")
+        refuse_existing_output(out_path, exist_ok)
+        refuse_existing_output(raw_path, exist_ok)
         return out_path, raw_path
     if out_path.suffix.lower() in (".png", ".dcm"):
         raise click.UsageError(f"--out {out}: several inputs need a folder, not a {out_path.suffix} file")
+    refuse_existing_output(out_path, exist_ok)
+    refuse_existing_output(raw_path, exist_ok)
     out_path.mkdir(parents=True, exist_ok=True)
     if raw_path is not None:
         raw_path.mkdir(parents=True, exist_ok=True)

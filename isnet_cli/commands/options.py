@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from isnet_cli.errors import InputError
 from isnet_cli.io.contract import WINDOW_POLICIES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,6 +37,31 @@ def out_dir_option(contents: str, folder: str) -> Callable[[F], F]:
         default=None,
         help=f"Folder for {contents} (default: <run>/{folder} or ./{folder}).",
     )
+
+
+exist_ok_option = click.option(
+    "--exist-ok",
+    is_flag=True,
+    help="Write into an --out folder that is not empty (or replace an --out file); files of the same name are "
+    "replaced, others are kept.",
+)
+
+
+def refuse_existing_output(path: Path | None, exist_ok: bool) -> None:
+    """Stop before any work when `path` (an output folder or file) already holds something, unless `exist_ok`.
+
+    A report written over an earlier one silently mixes two runs (the old heatmaps stay beside the new
+    summary.csv) or loses the earlier result; so the default is to refuse, and to say how to go on.
+    An empty folder is accepted: that is what `mkdir out && isnet ... --out out` gives.
+    """
+    if path is None or exist_ok:
+        return
+    if path.is_dir():
+        if next(path.iterdir(), None) is None:
+            return
+        raise InputError(path, "output folder exists and is not empty", "pass --exist-ok to write into it")
+    if path.exists() or path.is_symlink():
+        raise InputError(path, "output file exists", "pass --exist-ok to replace it")
 
 
 def threshold_option(subject: str) -> Callable[[F], F]:
