@@ -79,15 +79,10 @@ def write_colour_dicom(
     """
     import hashlib
 
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.pixels import convert_color_space
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        ExplicitVRLittleEndian,
-        RLELossless,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
+    from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
+
+    from isnet_cli.io.dicom import phantom_dataset
 
     if photometric not in ("RGB", "YBR_FULL"):
         raise InputError(None, f"photometric {photometric!r} is not supported", "use RGB or YBR_FULL")
@@ -96,21 +91,8 @@ def write_colour_dicom(
     rgb = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
     stored = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", "YBR_FULL")
     entropy = hashlib.sha256(stored.tobytes() + f"{photometric}{compression}".encode()).hexdigest()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[entropy, "instance"])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[entropy, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[entropy, "series"])
-    ds.Modality = "OT"
+    ds = phantom_dataset(SecondaryCaptureImageStorage, "OT", entropy)
     ds.ConversionType = "SYN"
-    ds.PatientName = "Phantom^Synthetic"
-    ds.PatientID = "PHANTOM"
     ds.Rows, ds.Columns = rgb.shape[:2]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = photometric

@@ -291,32 +291,36 @@ def write_dicom(
     return path
 
 
-def _radiograph(stored: np.ndarray, photometric: str, bits: int, compression: str | None) -> Any:
-    """A CR dataset for `stored` (file meta, UIDs, patient and pixel-format attributes; no pixel data yet).
-    The UIDs are derived from the pixels and settings: the same phantom gives a byte-identical file."""
+def phantom_dataset(sop_class_uid: str, modality: str, entropy: str) -> Any:
+    """File meta, SOP/Study/Series UIDs, modality and the phantom patient of a synthetic DICOM image (no
+    image attributes yet). The UIDs are derived from `entropy` (a hash of the pixels and settings), so the
+    same phantom always gives a byte-identical file."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        ComputedRadiographyImageStorage,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-    entropy = hashlib.sha256(stored.tobytes() + f"{photometric}{bits}{compression}".encode()).hexdigest()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[entropy, "instance"])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[entropy, "study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[entropy, "series"])
-    ds.Modality = "CR"
+    ds.Modality = modality
     ds.PatientName = "Phantom^Synthetic"
     ds.PatientID = "PHANTOM"
+    return ds
+
+
+def _radiograph(stored: np.ndarray, photometric: str, bits: int, compression: str | None) -> Any:
+    """A CR dataset for `stored` (file meta, UIDs, patient and pixel-format attributes; no pixel data yet)."""
+    from pydicom.uid import ComputedRadiographyImageStorage
+
+    entropy = hashlib.sha256(stored.tobytes() + f"{photometric}{bits}{compression}".encode()).hexdigest()
+    ds = phantom_dataset(ComputedRadiographyImageStorage, "CR", entropy)
     ds.BodyPartExamined = "CHEST"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.Rows, ds.Columns = stored.shape
