@@ -50,10 +50,10 @@ def test_mission_isnet_ignores_the_background_shortcut_that_the_baseline_learns(
     for run in r.isnets:
         isnet = {name: score(run, getattr(r, name)) for name in sets}
         acc = {name: s.accuracy for name, s in isnet.items()}
-        # the ISNet learned the lesion: the marker does not matter
-        assert acc["test_flipped"] >= 0.80, (run.name, acc)
-        assert abs(acc["test_clean"] - acc["test_flipped"]) <= 0.10, (run.name, acc)
-        assert acc["test_biased"] >= 0.80, (run.name, acc)
+        # the ISNet learned the lesion: the marker does not matter (issue 8's bar for the 5-seed study)
+        assert acc["test_flipped"] >= 0.85, (run.name, acc)
+        assert abs(acc["test_clean"] - acc["test_flipped"]) <= 0.05, (run.name, acc)
+        assert acc["test_biased"] >= 0.85, (run.name, acc)
         # and its relevance is in the lungs, the baseline's is not
         assert isnet["test_flipped"].share_inside >= 0.6, run.name
         assert isnet["test_flipped"].share_inside >= base["test_flipped"].share_inside + 0.35, run.name
