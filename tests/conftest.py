@@ -9,6 +9,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`tests/run.sh` runs one worker per core) each worker, and the `isnet` processes its
+# tests start, get their share of the cores: torch's default of one thread per core in every worker
+# would oversubscribe them. Set before any test module imports torch.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
+
+# The trained-model fixtures are session-wide: every test that uses one runs in the same xdist worker
+# (`--dist loadgroup`), so each is trained once per run, not once per worker.
+SHARED_TRAININGS = ("shortcut_runs", "colour_shortcut_runs")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in SHARED_TRAININGS:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+
 
 def shared_data_dir() -> Path:
     """`$ISNET_SHARED_DATA`, else `../shared/data` beside the project root."""

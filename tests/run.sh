@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash .ci/setup
 .venv/bin/ruff check isnet_cli tests benchmarks
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -q "$@"
+# one worker per core; tests sharing a trained-model fixture stay in one worker (tests/conftest.py)
+.venv/bin/python -m pytest -q -n auto --dist loadgroup "$@"
