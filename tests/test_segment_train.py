@@ -100,3 +100,23 @@ def test_devices_2_spawns_two_processes(phantoms: Path, tmp_path: Path) -> None:
     assert {"best.safetensors", "last.safetensors", "last.state.pt", "config.json"} <= {
         p.name for p in result.run_dir.iterdir()
     }
+
+
+def test_export_form_is_the_same_unet_without_prelu_and_transposed_convolutions(tmp_path: Path) -> None:
+    """`isnet export`'s form of a segmenter U-Net: identical outputs (float rounding), and its ONNX graph has
+    LeakyRelu / Conv + DepthToSpace where the U-Net had PRelu / ConvTranspose."""
+    import onnx
+
+    from isnet_cli.pipeline import build_unet, export_form
+
+    torch.manual_seed(0)
+    net = build_unet({"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # PReLU slopes away from their 0.25 start
+        x = torch.rand(2, 1, 48, 48)
+        assert torch.allclose(export_form(net)(x), net(x), atol=1e-5)
+    path = tmp_path / "u.onnx"
+    torch.onnx.export(export_form(net), (x,), str(path), opset_version=17, dynamo=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"LeakyRelu", "DepthToSpace"} <= ops and not {"PRelu", "ConvTranspose"} & ops
