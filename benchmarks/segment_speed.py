@@ -36,7 +36,7 @@ from isnet_cli.backbones import build_model
 from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model
 from isnet_cli.infer.export import export_model
 from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, make_session
-from isnet_cli.pipeline import MaskedPipeline, build_unet, parameter_count
+from isnet_cli.pipeline import MaskedPipeline, build_unet, export_form, parameter_count
 from isnet_cli.segment.infer import segment_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,14 +80,21 @@ def segment_throughput(seg: Path, onnx_seg: Path, images: Path, work: Path) -> d
 
 
 def unet_latency(unet: dict, work: Path, threads: int, repeats: int) -> dict[str, float]:
-    """Seconds per batch of 8 at 256 px: the U-Net on torch and exported to ONNX (onnxruntime)."""
+    """Seconds per batch of 8 at 256 px: the U-Net on torch and exported to ONNX as `isnet export` writes it
+    (`export_form`: the same function, PReLU as LeakyReLU, transposed convolutions as Conv + DepthToSpace)."""
     net = build_unet(unet).eval()
     x = torch.rand(8, 1, SIZE, SIZE)
     path = work / "unet256.onnx"
     with warnings.catch_warnings():  # the legacy exporter's deprecation; MONAI's instance norm (exported right)
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            net, (x,), str(path), input_names=[INPUT_NAME], output_names=[LOGITS_NAME], opset_version=17, dynamo=False
+            export_form(net),
+            (x,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[LOGITS_NAME],
+            opset_version=17,
+            dynamo=False,
         )
     session = make_session(path, "cpu", threads=threads)
     with torch.inference_mode():

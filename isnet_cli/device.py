@@ -1,6 +1,10 @@
-"""Where torch runs: `--device auto|cpu|cuda|cuda:N`, resolved and checked in one place."""
+"""Where torch runs: `--device auto|cpu|cuda|cuda:N`, resolved and checked in one place; `--amp`'s autocast
+and loss scaler for that device."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 
@@ -23,3 +27,17 @@ def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.devi
     if spec != "cpu":
         raise InputError(None, f"--device {spec}: unknown device", "use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """`--amp`: mixed-precision autocast for forwards on `device` (fp16 on CUDA, bf16 on CPU); a no-op
+    context when not `enabled`. Losses should be computed on `.float()` outputs."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaler that fp16 autocast needs on CUDA (bf16 on CPU has fp32's range: disabled there)."""
+    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")

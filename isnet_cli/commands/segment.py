@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from isnet_cli.commands import options as opt
 from isnet_cli.errors import InputError
@@ -47,7 +48,7 @@ def _option(*decls: str, **attrs: Any) -> Any:
 
 
 @command.command("train")
-@click.argument("data")
+@click.argument("data", required=False)
 @click.option("--val", help="Validation data with masks (manifest or folder); default: a split of DATA.")
 @_option("--val-fraction", type=float, help="Validation share when --val is not given.")
 @_option("--img-size", type=int, help="Input size (square, pixels; a multiple of the U-Net's downsampling).")
@@ -70,24 +71,39 @@ def _option(*decls: str, **attrs: Any) -> Any:
 @_option("--out", help="Parent folder of the run folder.")
 @click.option("--name", help="Run folder name (default: run-NNN, the next free number).")
 @_option("--contours", type=int, help="Validation images drawn in contours.png.")
+@_option("--amp/--no-amp", help="Mixed precision: autocast bf16 on CPU, fp16 with a loss scaler on CUDA.")
+@_option("--devices", type=int, help="Processes for DDP (one per GPU; gloo on CPU).")
+@click.option(
+    "--resume",
+    metavar="RUN",
+    help="Continue an interrupted run (its folder or a checkpoint in it); DATA is not needed.",
+)
 @opt.no_progress_option
-def train(data: str, channels: str, **options: Any) -> None:
+@click.pass_context
+def train(ctx: click.Context, data: str | None, channels: str, resume: str | None, **options: Any) -> None:
     """Train a 2-D lung segmenter on DATA (manifest CSV or images/ + masks/ folders; every image needs a mask).
 
     Writes runs/<name>/: best/last.safetensors (task: segmentation), metrics.csv (validation Dice and HD95
-    per epoch), contours.png, config.json. Not built yet: --resume, --devices, --amp.
+    per epoch), contours.png, config.json, last.state.pt (what --resume continues from, written after
+    every epoch: an interrupted run resumes where its last epoch ended, with the same result).
 
     \b
     Example:
       isnet segment train data/lungs/manifest.csv --img-size 256 --epochs 40 --name lungs
+      isnet segment train --resume runs/lungs
     """
     from isnet_cli.segment.fit import train_segmenter
 
-    try:
-        widths = tuple(int(c) for c in channels.split(",") if c.strip())
-    except ValueError as exc:
-        raise InputError(None, f"--channels {channels!r}: not a list of integers", "e.g. --channels 16,32,64") from exc
-    result = train_segmenter(SegmentConfig(data=data, channels=widths, **options))
+    if resume:
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+        result = train_segmenter(SegmentConfig(), resume=resume, resume_overrides=given)
+    else:
+        try:
+            widths = tuple(int(c) for c in channels.split(",") if c.strip())
+        except ValueError as exc:
+            fix = "e.g. --channels 16,32,64"
+            raise InputError(None, f"--channels {channels!r}: not a list of integers", fix) from exc
+        result = train_segmenter(SegmentConfig(data=data or "", channels=widths, **options))
     click.echo(
         f"run folder: {result.run_dir}  (best: epoch {result.best['epoch']}, "
         f"dice {result.best['val_dice']:.4f}, hd95 {result.best['val_hd95']:.2f} px)"

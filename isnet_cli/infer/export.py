@@ -42,6 +42,7 @@ from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, META_KEY, RELE
 from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.contract import InputContract
+from isnet_cli.pipeline import export_form
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter emits opset 18 and cannot down-convert (Reduce* axes inputs)
@@ -226,6 +227,16 @@ def _open_for_export(source: Path, with_heatmap: bool) -> Checkpoint:
     return Checkpoint(net, list(meta["classes"]), InputContract.from_dict(meta["contract"]), 0.0, meta)
 
 
+def _graph_module(checkpoint: Checkpoint, export_meta: dict[str, Any]) -> nn.Module:
+    """What goes into the ONNX graph: a segmenter's U-Net in `export_form` (the same function in layers
+    onnxruntime runs faster on CPU; verification still compares with the checkpoint's own U-Net), else the
+    checkpoint's model."""
+    if checkpoint_task(checkpoint.meta) != TASK_SEGMENTATION:
+        return checkpoint.model
+    export_meta["graph"] = "export_form: PReLU as LeakyReLU, transposed convolutions as Conv + DepthToSpace"
+    return export_form(checkpoint.model)
+
+
 def _export_record(fmt: str, out: Path, source: Path, contract: InputContract) -> dict[str, Any]:
     """The `export` block of the metadata, before the export itself fills in opset, exporter, verification."""
     return {
@@ -262,7 +273,7 @@ def _export_onnx(
             export_meta["heatmap"] = _export_heatmap(checkpoint, out, opset, dynamo, verify, examples)
             written.append(out.with_name(export_meta["heatmap"]["file"]))
         try:
-            data = _onnx_bytes(checkpoint.model, examples[0], [LOGITS_NAME], opset, dynamo)
+            data = _onnx_bytes(_graph_module(checkpoint, export_meta), examples[0], [LOGITS_NAME], opset, dynamo)
         except Exception as exc:
             raise export_error("the classifier", exc) from exc
         tmp = out.with_name(f".{out.name}.tmp")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from isnet_cli.device import autocast
 from isnet_cli.errors import InputError, ModelError
 from isnet_cli.objective.loss import gwrp, heatmap_loss, rrr_penalty, total_loss
 from isnet_cli.objective.settings import TARGETS, HeatmapLossParams, ObjectiveSettings
@@ -60,7 +61,7 @@ class Objective:
         self.amp = settings.amp and device.type == "cuda"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast("cuda", enabled=True) if self.amp else contextlib.nullcontext()
+        return autocast(self.device, self.amp)
 
     def __call__(
         self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, heat: bool = True, P: float | None = None

@@ -32,7 +32,12 @@ class SegmentConfig:
     out: str = "runs"
     name: str | None = None
     contours: int = 6
+    amp: bool = False
+    devices: int = 1
     no_progress: bool = False
+
+    # Fields that only say how/where to run, not what is trained: `--resume` may change them.
+    RUNTIME = ("device", "devices", "no_progress", "epochs", "cache")
 
     @property
     def downsampling(self) -> int:
@@ -51,6 +56,7 @@ class SegmentConfig:
             ("channels", len(self.channels) >= 2 and min(self.channels) >= 1, "two or more positive widths"),
             ("res-units", self.res_units >= 0, "0 or more"),
             ("contours", self.contours >= 0, "0 or more"),
+            ("devices", self.devices >= 1, "at least 1"),
         ]  # fmt: skip
         for name, ok, expected in checks:
             if not ok:
@@ -69,6 +75,16 @@ class SegmentConfig:
             "strides": [2] * (len(self.channels) - 1),
             "num_res_units": self.res_units,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmentConfig:
+        """The config `record` wrote (config.json of a run); unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            fix = f"known: {', '.join(sorted(known))}"
+            raise InputError(None, f"unknown segment training option(s) {unknown}", fix)
+        return cls(**{**data, "channels": tuple(data.get("channels", cls.channels))})
 
     def record(self) -> dict[str, Any]:
         """config.json: every option as run."""

@@ -259,24 +259,26 @@ def resolve_run_dir(cfg: RunNaming, resumable: bool = True) -> Path:
     return run_dir
 
 
-def find_resume(path: str | Path) -> Path:
-    """`--resume` accepts the run folder or a checkpoint inside it; returns the run folder."""
+def find_resume(path: str | Path, command: str = "isnet train") -> Path:
+    """`--resume` accepts the run folder or a checkpoint inside it; returns the run folder (`command`: the
+    command that writes such runs, named in the error)."""
     p = Path(path)
     run_dir = p if p.is_dir() else p.parent
     if not (run_dir / STATE_FILE).is_file() or not (run_dir / "config.json").is_file():
         raise InputError(
-            p, "not a resumable run (no last.state.pt / config.json)", "pass a run folder written by `isnet train`"
+            p, "not a resumable run (no last.state.pt / config.json)", f"pass a run folder written by `{command}`"
         )
     return run_dir
 
 
-def load_resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The run's own config, with the runtime options (`TrainConfig.RUNTIME`) the user gave again."""
+def load_resume_config(run_dir: Path, overrides: dict[str, Any], config: type[Any] = TrainConfig) -> Any:
+    """The run's own config (a `config`: TrainConfig, or SegmentConfig for `isnet segment train`), with the
+    runtime options (`config.RUNTIME`) the user gave again."""
     saved = json.loads((run_dir / "config.json").read_text())
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
-    changed = {k: v for k, v in overrides.items() if k in TrainConfig.RUNTIME}
-    ignored = sorted(k for k, v in overrides.items() if k not in TrainConfig.RUNTIME and getattr(cfg, k, v) != v)
+    known = {f.name for f in dataclasses.fields(config)}
+    cfg = config.from_dict({k: v for k, v in saved.items() if k in known})
+    changed = {k: v for k, v in overrides.items() if k in config.RUNTIME}
+    ignored = sorted(k for k, v in overrides.items() if k not in config.RUNTIME and getattr(cfg, k, v) != v)
     if ignored:
         console.print(f"[yellow]--resume: ignoring {', '.join(ignored)} (the run keeps its own settings)[/yellow]")
     return dataclasses.replace(cfg, out=str(run_dir.parent), name=run_dir.name, **changed)

@@ -77,6 +77,8 @@ class RunState:
     # The model weights this state continues from, saved in the same atomic write: a kill between writing
     # last.safetensors and this file can then never pair new weights with an old optimizer and epoch.
     weights: dict[str, torch.Tensor] | None = None
+    # The fp16 loss scaler's state (`--amp` on CUDA), where a run uses one.
+    scaler: dict[str, Any] | None = None
 
     def capture(
         self, opt: torch.optim.Optimizer, sched: Any, rng: list[dict[str, Any]], model: torch.nn.Module | None = None
@@ -115,6 +117,7 @@ class RunState:
             "cut_source": cuts.source,
             "lds_cuts": cuts.record()["lds_cuts"],
             "weights": self.weights,
+            "scaler": self.scaler,
         }
 
     @classmethod
@@ -136,6 +139,7 @@ class RunState:
             scheduler=state.get("scheduler"),
             rng=state["rng"],
             weights=state.get("weights"),
+            scaler=state.get("scaler"),
         )
 
     def save(self, run_dir: Path) -> None:
