@@ -13,11 +13,7 @@ from isnet_cli.commands import options as opt
 
 
 @click.command("audit")
-@click.argument("data", type=click.Path(exists=True))
-@opt.model_option()
-@opt.out_dir_option("audit.json and audit_worst.png", "audit")
-@opt.exist_ok_option
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@opt.report_options("audit.json and audit_worst.png", "audit", json_help="Print the summary as JSON on stdout.")
 @opt.label_column_option
 @click.option(
     "--worst",
@@ -50,18 +46,10 @@ def command(
     Example:
       isnet audit data/test.csv --model runs/isnet-1 --out audit/
     """
-    from isnet_cli.console import make_progress, progress_enabled, say, say_error
+    from isnet_cli.console import say, say_error
     from isnet_cli.errors import InputError
     from isnet_cli.infer.loading import load_backend
     from isnet_cli.io.manifest import read_dataset
-    from isnet_cli.report.audit import (
-        PERTURBATIONS,
-        contact_sheet,
-        load_audit_set,
-        run_audit,
-        worst_offenders,
-        write_audit,
-    )
 
     spec = read_dataset(data, label_column=label_column, require_labels=False)
     backend = load_backend(model, device=device)
@@ -70,11 +58,31 @@ def command(
     say(f"model {backend.model_id}: {backend.description}")
     if not backend.has_relevance:
         say("no relevance for this model (ONNX without --with-heatmap): counterfactual tests only")
-    enabled = progress_enabled(no_progress)
-    with make_progress(enabled) as progress:
-        task = progress.add_task("load", total=len(spec.samples))
+    audit_set, failed, unmasked, summary, per_image = _audit(backend, spec.samples, batch_size, fail_fast, no_progress)
+    for failure in failed:
+        say_error(failure["error"])
+    summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
+    summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
+    sheet = _write_audit(out, backend, audit_set, summary, per_image, worst)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    say(f"wrote {out / 'audit.json'}" + (f" and {sheet}" if worst else ""))
+    if failed:
+        raise InputError(None, f"{len(failed)} images could not be audited (listed above)")
+
+
+def _audit(backend: Any, samples: list, batch_size: int, fail_fast: bool, no_progress: bool) -> tuple:
+    """Load the masked images and run the audit, with a progress bar: (audit set, failed, without mask,
+    summary, per image)."""
+    from isnet_cli.console import make_progress, progress_enabled
+    from isnet_cli.report.audit import PERTURBATIONS, load_audit_set, run_audit
+
+    with make_progress(progress_enabled(no_progress)) as progress:
+        task = progress.add_task("load", total=len(samples))
         audit_set, failed, unmasked = load_audit_set(
-            spec.samples,
+            samples,
             backend.classes,
             backend.contract,
             batch_size,
@@ -83,22 +91,19 @@ def command(
         )
         steps = progress.add_task("audit", total=2 + len(PERTURBATIONS))
         summary, per_image = run_audit(backend, audit_set, batch_size, on_step=lambda _: progress.advance(steps))
-    for failure in failed:
-        say_error(failure["error"])
-    summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
-    summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
+    return audit_set, failed, unmasked, summary, per_image
+
+
+def _write_audit(out: Path, backend: Any, audit_set: Any, summary: dict, per_image: list, worst: int) -> Path:
+    """audit.json and the contact sheet of the `worst` offenders in `out`; returns the sheet's path."""
+    from isnet_cli.report.audit import contact_sheet, worst_offenders, write_audit
+
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)
     sheet = out / "audit_worst.png"
     offenders = worst_offenders(per_image, worst)
     contact_sheet(sheet, backend, audit_set, per_image, offenders, summary["fill_values"], backend.contract.roi_name)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        _print_summary(summary)
-    say(f"wrote {out / 'audit.json'}" + (f" and {sheet}" if worst else ""))
-    if failed:
-        raise InputError(None, f"{len(failed)} images could not be audited (listed above)")
+    return sheet
 
 
 def _pct(v: float | None) -> str:

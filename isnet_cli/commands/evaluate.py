@@ -30,11 +30,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 
 
 @click.command("evaluate")
-@click.argument("data", type=click.Path(exists=True))
-@opt.model_option()
-@opt.out_dir_option("report.json, confusion.png, roc.png", "eval")
-@opt.exist_ok_option
-@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@opt.report_options("report.json, confusion.png, roc.png", "eval", json_help="Print report.json to stdout.")
 @click.option(
     "--compare",
     "compare_model",
@@ -80,7 +76,7 @@ def command(
     from isnet_cli.infer.loading import load_backend
     from isnet_cli.infer.predict import check_threshold
     from isnet_cli.io.manifest import read_dataset
-    from isnet_cli.report.evaluate import build_report, compare_models, label_indices, write_report
+    from isnet_cli.report.evaluate import build_report, label_indices, write_report
 
     spec = read_dataset(data, label_column=label_column)
     backend = load_backend(model, device=device)
@@ -101,16 +97,7 @@ def command(
         reason = "no masks in the data" if not any(s.mask for s in spec.samples) else "no relevance for this model"
         report["inside_mask_share_note"] = reason
     if compare_model is not None:
-        other = load_backend(compare_model, device=device)
-        if other.classes != backend.classes:
-            raise InputError(compare_model, f"classes {other.classes} differ from the model's {backend.classes}")
-        say(f"compare with {other.model_id}: {other.description}")
-        other_scored = run_scoring(other, spec.samples, labels, {**opts, "relevance": False}, "evaluate (compare)")
-        report["compare"] = {
-            "model_a": report["model"],
-            "model_b": {"file": str(other.path), "model_id": other.model_id, "arch": other.meta.get("arch")},
-            **compare_models(scored, other_scored, backend.classes),
-        }
+        report["compare"] = _compare(compare_model, device, backend, scored, spec.samples, labels, opts, report)
     write_report(report, scored, out)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -119,6 +106,34 @@ def command(
     say(f"wrote {out / 'report.json'}, {out / 'confusion.png'}, {out / 'roc.png'}")
     if scored.failed:
         raise InputError(None, f"{len(scored.failed)} of {len(spec.samples)} images could not be used (listed above)")
+
+
+def _compare(
+    compare_model: str,
+    device: str,
+    backend: Any,
+    scored: Any,
+    samples: list,
+    labels: list[int],
+    opts: dict[str, Any],
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """The report's `compare` section: `compare_model` scored on the same samples (without relevance)."""
+    from isnet_cli.console import say
+    from isnet_cli.errors import InputError
+    from isnet_cli.infer.loading import load_backend
+    from isnet_cli.report.evaluate import compare_models
+
+    other = load_backend(compare_model, device=device)
+    if other.classes != backend.classes:
+        raise InputError(compare_model, f"classes {other.classes} differ from the model's {backend.classes}")
+    say(f"compare with {other.model_id}: {other.description}")
+    other_scored = run_scoring(other, samples, labels, {**opts, "relevance": False}, "evaluate (compare)")
+    return {
+        "model_a": report["model"],
+        "model_b": {"file": str(other.path), "model_id": other.model_id, "arch": other.meta.get("arch")},
+        **compare_models(scored, other_scored, backend.classes),
+    }
 
 
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:

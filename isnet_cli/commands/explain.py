@@ -13,6 +13,7 @@ from isnet_cli.commands.options import (
     device_option,
     exist_ok_option,
     fail_fast_option,
+    format_option,
     model_option,
     no_progress_option,
     refuse_existing_output,
@@ -49,12 +50,8 @@ from isnet_cli.report.explain import OUT_FORMATS
     required=True,
     help="PNG (or .dcm) file for one input; a folder (one file per input + summary.csv) for several.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(OUT_FORMATS),
-    default=OUT_FORMATS[0],
-    show_default=True,
+@format_option(
+    OUT_FORMATS,
     help="png: a figure; dcm: the same figure as a DICOM Secondary Capture in the input's study "
     "(DICOM inputs only; one new Series per run and Study).",
 )
@@ -109,11 +106,11 @@ def command(
       isnet explain scan.dcm --mask lungs.png --out heatmap.png --raw heatmap.npy
       isnet explain scan.dcm --mask lungs-seg.dcm --format dcm --out heatmap.dcm
     """
-    from isnet_cli.console import make_progress, progress_enabled, say, say_error
+    from isnet_cli.console import say
     from isnet_cli.errors import InputError
     from isnet_cli.io.dicom_out import require_dicom
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.report.explain import explain_many, load_explainer, write_summary
+    from isnet_cli.report.explain import load_explainer, write_summary
 
     samples = expand_inputs(list(inputs))
     single = _is_single(inputs, samples)
@@ -124,26 +121,35 @@ def command(
     out_path, raw_path = _outputs(single, out, raw, fmt, exist_ok)
     explainer = load_explainer(model, arch=arch, weights=weights, rule=rule, device=device)
     explainer.resolve_target(target)  # a bad --target fails before any work
+    outputs = {
+        "out_dir": None if single else out_path,
+        "raw_dir": None if single else raw_path,
+        "single_out": out_path if single else None,
+        "single_raw": raw_path if single else None,
+    }
+    options = {"mask": mask, "side_by_side": side_by_side, "fail_fast": fail_fast, "fmt": fmt}
+    options |= {"anonymize": anonymize, "mask_segment": mask_segment}
+    done, failures = _explain_all(explainer, samples, target, as_json, no_progress, **outputs, **options)
+    if not single and done:
+        summary = write_summary(out_path / "summary.csv", done)
+        say(f"{len(done)} explained, {failures} failed; summary in {summary}")
+    if failures:
+        raise InputError(None, f"{failures} of {len(samples)} inputs could not be explained (listed above)")
+
+
+def _explain_all(
+    explainer: Any, samples: list[Any], target: str, as_json: bool, no_progress: bool, **options: Any
+) -> tuple[list[Any], int]:
+    """Explain every sample (`options`: those of `explain_many`), with a progress bar and a status line
+    (or a JSON line) per input; failures are reported as they come. Returns (explained, failures)."""
+    from isnet_cli.console import make_progress, progress_enabled, say, say_error
+    from isnet_cli.report.explain import explain_many
+
     done = []
     failures = 0
     with make_progress(progress_enabled(no_progress) and len(samples) > 1) as progress:
         task = progress.add_task("explain", total=len(samples))
-        for item in explain_many(
-            explainer,
-            samples,
-            target,
-            out_dir=None if single else out_path,
-            raw_dir=None if single else raw_path,
-            single_out=out_path if single else None,
-            single_raw=raw_path if single else None,
-            mask=mask,
-            side_by_side=side_by_side,
-            fail_fast=fail_fast,
-            on_item=lambda: progress.advance(task),
-            fmt=fmt,
-            anonymize=anonymize,
-            mask_segment=mask_segment,
-        ):
+        for item in explain_many(explainer, samples, target, on_item=lambda: progress.advance(task), **options):
             if isinstance(item, tuple):
                 failures += 1
                 say_error(item[1])
@@ -152,11 +158,7 @@ def command(
             if as_json:
                 click.echo(json.dumps(item.to_json()))
             say(_line(item))
-    if not single and done:
-        summary = write_summary(out_path / "summary.csv", done)
-        say(f"{len(done)} explained, {failures} failed; summary in {summary}")
-    if failures:
-        raise InputError(None, f"{failures} of {len(samples)} inputs could not be explained (listed above)")
+    return done, failures
 
 
 def _is_single(inputs: tuple[str, ...], samples: list[Any]) -> bool:

@@ -113,3 +113,32 @@ def dataset_run_options(what: str = "input") -> Callable[[F], F]:
         return command
 
     return apply
+
+
+def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], F]:
+    """DATA, --model, --out, --exist-ok and --json, in this order: a report over a dataset."""
+
+    def apply(command: F) -> F:
+        for option in (
+            click.option("--json", "as_json", is_flag=True, help=json_help),
+            exist_ok_option,
+            out_dir_option(contents, folder),
+            model_option(),
+            click.argument("data", type=click.Path(exists=True)),
+        ):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def format_option(choices: tuple[str, ...] | list[str], help: str) -> Callable[[F], F]:
+    """`--format`: one of `choices`, the first by default."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices),
+        default=choices[0],
+        show_default=True,
+        help=help,
+    )

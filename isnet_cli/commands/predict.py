@@ -71,10 +71,7 @@ def command(
     from isnet_cli.infer.predict import ResultsFile, check_threshold, pending
     from isnet_cli.io.inputs import expand_inputs
 
-    if resume and out is None:
-        raise click.UsageError("--resume needs --out FILE")
-    if sr is not None and resume:
-        raise click.UsageError("--sr reports a prediction made in this run; leave out --resume")
+    _check_resume(resume, out, sr)
     samples = expand_inputs(list(inputs))
     if sr is not None:
         _check_sr_input(samples)
@@ -100,6 +97,14 @@ def command(
     say(f"{done} predicted, {failures} failed" + (f", results in {out}" if out else ""))
     if failures:
         raise InputError(None, f"{failures} of {len(todo)} inputs could not be used (listed above)")
+
+
+def _check_resume(resume: bool, out: str | None, sr: str | None) -> None:
+    """--resume appends to an --out file, and has no prediction of this run for --sr to report."""
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out FILE")
+    if sr is not None and resume:
+        raise click.UsageError("--sr reports a prediction made in this run; leave out --resume")
 
 
 def _check_sr_input(samples: list[Any]) -> None:

@@ -135,12 +135,8 @@ def train(ctx: click.Context, data: str | None, channels: str, resume: str | Non
     help="Folder for contour overlays (the image with the mask outline: green = QC passed, red = flagged).",
 )
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(MASK_FORMATS),
-    default=MASK_FORMATS[0],
-    show_default=True,
+@opt.format_option(
+    MASK_FORMATS,
     help="Mask files: PNG, or DICOM SEG referencing each DICOM input (same Study, one new Series per run and Study).",
 )
 @opt.anonymize_option

@@ -311,8 +311,7 @@ def explain_many(
     `fmt="dcm"`: each figure, captioned `DICOM_CAPTION`, becomes a Secondary Capture in its DICOM input's
     study; this call's go into one new Series per Study (`anonymize`: see `isnet_cli.io.dicom_out`).
     """
-    from isnet_cli.io.dicom_out import RunSeries, write_secondary_capture
-    from isnet_cli.report.render import render_heatmap
+    from isnet_cli.io.dicom_out import RunSeries
 
     if fmt not in OUT_FORMATS:
         raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(OUT_FORMATS)}")
@@ -325,26 +324,7 @@ def explain_many(
             exp = explain_file(explainer, sample.image, resolved, mask=mask_path, mask_segment=mask_segment)
             figure = single_out if single_out is not None else out_dir / f"{name}.{fmt}"
             roi_label = explainer.contract.roi_label
-            if fmt == "dcm":
-                png = render_heatmap(
-                    exp.image,
-                    exp.relevance,
-                    mask=exp.mask,
-                    title=caption_of(exp),
-                    side_by_side=side_by_side,
-                    roi_label=roi_label,
-                )
-                write_secondary_capture(figure, sample.image, figure_rgb(png), _derivation(exp), anonymize, series)
-            else:
-                render_heatmap(
-                    exp.image,
-                    exp.relevance,
-                    figure,
-                    mask=exp.mask,
-                    title=title_of(exp),
-                    side_by_side=side_by_side,
-                    roi_label=roi_label,
-                )
+            _write_figure(exp, figure, sample.image, fmt, side_by_side, roi_label, anonymize, series)
             exp.png = str(figure)
             raw = single_raw if single_raw is not None else (raw_dir / f"{name}.npy" if raw_dir else None)
             if raw is not None:
@@ -365,6 +345,43 @@ def explain_many(
             yield (str(sample.image), f"{sample.image}: cannot explain ({type(exc).__name__}: {exc})")
         if on_item is not None:
             on_item()
+
+
+def _write_figure(
+    exp: Explanation,
+    figure: Path,
+    source: Any,
+    fmt: str,
+    side_by_side: bool,
+    roi_label: str,
+    anonymize: bool,
+    series: Any,
+) -> None:
+    """The heatmap figure of `exp` at `figure`: a PNG, or (`fmt="dcm"`) a Secondary Capture in the study
+    of the DICOM `source`, in this run's `series`."""
+    from isnet_cli.io.dicom_out import write_secondary_capture
+    from isnet_cli.report.render import render_heatmap
+
+    if fmt == "dcm":
+        png = render_heatmap(
+            exp.image,
+            exp.relevance,
+            mask=exp.mask,
+            title=caption_of(exp),
+            side_by_side=side_by_side,
+            roi_label=roi_label,
+        )
+        write_secondary_capture(figure, source, figure_rgb(png), _derivation(exp), anonymize, series)
+    else:
+        render_heatmap(
+            exp.image,
+            exp.relevance,
+            figure,
+            mask=exp.mask,
+            title=title_of(exp),
+            side_by_side=side_by_side,
+            roi_label=roi_label,
+        )
 
 
 def _derivation(exp: Explanation) -> str:
