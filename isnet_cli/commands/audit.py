@@ -77,7 +77,8 @@ def _audit(backend: Any, samples: list, batch_size: int, fail_fast: bool, no_pro
     """Load the masked images and run the audit, with a progress bar: (audit set, failed, without mask,
     summary, per image)."""
     from isnet_cli.console import make_progress, progress_enabled
-    from isnet_cli.report.audit import PERTURBATIONS, load_audit_set, run_audit
+    from isnet_cli.report.audit import load_audit_set, run_audit
+    from isnet_cli.report.counterfactuals import PERTURBATIONS
 
     with make_progress(progress_enabled(no_progress)) as progress:
         task = progress.add_task("load", total=len(samples))
@@ -96,7 +97,8 @@ def _audit(backend: Any, samples: list, batch_size: int, fail_fast: bool, no_pro
 
 def _write_audit(out: Path, backend: Any, audit_set: Any, summary: dict, per_image: list, worst: int) -> Path:
     """audit.json and the contact sheet of the `worst` offenders in `out`; returns the sheet's path."""
-    from isnet_cli.report.audit import contact_sheet, worst_offenders, write_audit
+    from isnet_cli.report.audit import write_audit
+    from isnet_cli.report.audit_sheet import contact_sheet, worst_offenders
 
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)
