@@ -19,7 +19,7 @@ from isnet_cli.commands.options import (
     refuse_existing_output,
 )
 from isnet_cli.lrp.names import RULES
-from isnet_cli.report.explain import OUT_FORMATS
+from isnet_cli.report.explain import OUT_FORMATS, write_summary
 
 
 @click.command("explain")
@@ -110,7 +110,7 @@ def command(
     from isnet_cli.errors import InputError
     from isnet_cli.io.dicom_out import require_dicom
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.report.explain import load_explainer, write_summary
+    from isnet_cli.report.explainer import load_explainer
 
     samples = expand_inputs(list(inputs))
     single = _is_single(inputs, samples)
