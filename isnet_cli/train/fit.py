@@ -31,7 +31,7 @@ from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.objective.objective import Objective
 from isnet_cli.objective.settings import Cuts
 from isnet_cli.objective.tuning import parse_cut
-from isnet_cli.train import ddp, run_folder
+from isnet_cli.train import ddp, run_folder, validation
 from isnet_cli.train.card import model_card
 from isnet_cli.train.config import TrainConfig
 from isnet_cli.train.data import DataBundle, prepare_data
@@ -328,11 +328,11 @@ def _validate(run: Run, epoch: int, means: dict[str, float], t0: float) -> dict[
     """The epoch's metrics.csv row: training means, validation (after precise BN) and OOD scores."""
     trainer, cfg, model = run.trainer, run.cfg, run.model
     if cfg.precise_bn:
-        trainer.recalibrate_bn(model)
+        validation.recalibrate_bn(trainer, model)
     trainer.broadcast_buffers(model)
-    val = trainer.evaluate(model, run.objective, trainer.sets.val, with_heat=True)
+    val = validation.evaluate(trainer, model, run.objective, trainer.sets.val, with_heat=True)
     ood_ds = trainer.sets.ood
-    ood = trainer.evaluate(model, run.objective, ood_ds, with_heat=False) if ood_ds is not None else None
+    ood = validation.evaluate(trainer, model, run.objective, ood_ds, with_heat=False) if ood_ds is not None else None
     row = {
         "epoch": epoch + 1,
         **{f"train_{k}": v for k, v in means.items()},
@@ -400,7 +400,7 @@ def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> No
     run_folder.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, run_folder.STEP_COLUMNS)
     run_folder.plot_curves(run_dir / "curves.png", run.rows)
     run_folder.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
-    trainer.heatmap_figure(run.model, run.objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
+    validation.heatmap_figure(trainer, run.model, run.objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
     card = model_card(
         dataclasses.asdict(run.cfg), run.meta(run.best_row or row), run.best_row, run_dir, run.health.message
     )
