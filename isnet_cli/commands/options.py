@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,11 +77,17 @@ def threshold_option(subject: str) -> Callable[[F], F]:
 label_column_option = click.option(
     "--label-column", default=None, help="Manifest column with the class names (default: label)."
 )
-window_option = click.option(
+
+
+def choice_option(*names: str, choices: Sequence[str], help: str) -> Callable[[F], F]:
+    """An option (`names`: its flags, then optionally its parameter name) taking one of `choices`, the first
+    by default, shown in --help."""
+    return click.option(*names, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
+
+
+window_option = choice_option(
     "--window",
-    type=click.Choice(WINDOW_POLICIES),
-    default=WINDOW_POLICIES[0],
-    show_default=True,
+    choices=WINDOW_POLICIES,
     help="DICOM grey-level policy: the file's VOI LUT/window, min-max, or percentiles of the pixel data.",
 )
 batch_size_option = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
@@ -132,13 +138,6 @@ def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], 
     return apply
 
 
-def format_option(choices: tuple[str, ...] | list[str], help: str) -> Callable[[F], F]:
+def format_option(choices: Sequence[str], help: str) -> Callable[[F], F]:
     """`--format`: one of `choices`, the first by default."""
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(choices),
-        default=choices[0],
-        show_default=True,
-        help=help,
-    )
+    return choice_option("--format", "fmt", choices=choices, help=help)
