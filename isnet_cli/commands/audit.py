@@ -24,11 +24,7 @@ from isnet_cli.commands import options as opt
 )
 @opt.dataset_run_options("image or mask")
 def command(
-    data: str,
-    model: str | None,
-    out_dir: str | None,
-    exist_ok: bool,
-    as_json: bool,
+    request: opt.ReportRequest,
     label_column: str | None,
     worst: int,
     batch_size: int,
@@ -51,10 +47,9 @@ def command(
     from isnet_cli.infer.loading import load_backend
     from isnet_cli.io.manifest import read_dataset
 
-    spec = read_dataset(data, label_column=label_column, require_labels=False)
-    backend = load_backend(model, device=device)
-    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "audit")
-    opt.refuse_existing_output(out, exist_ok)  # before the audit runs: a refused run costs nothing
+    spec = read_dataset(request.data, label_column=label_column, require_labels=False)
+    backend = load_backend(request.model, device=device)
+    out = request.out(backend.path)  # before the audit runs: a refused run costs nothing
     say(f"model {backend.model_id}: {backend.description}")
     if not backend.has_relevance:
         say("no relevance for this model (ONNX without --with-heatmap): counterfactual tests only")
@@ -62,9 +57,14 @@ def command(
     for failure in failed:
         say_error(failure["error"])
     summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
-    summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
+    summary["data"] = {
+        "path": str(request.data),
+        "images": len(spec.samples),
+        "without_mask": unmasked,
+        "failed": failed,
+    }
     sheet = _write_audit(out, backend, audit_set, summary, per_image, worst)
-    if as_json:
+    if request.as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,10 +123,36 @@ def dataset_run_options(what: str = "input") -> Callable[[F], F]:
     return apply
 
 
-def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], F]:
-    """DATA, --model, --out, --exist-ok and --json, in this order: a report over a dataset."""
+@dataclass(frozen=True)
+class ReportRequest:
+    """What `report_options` hands a report command: DATA, --model, --out, --exist-ok, --json, and the name
+    of the default --out folder."""
 
-    def apply(command: F) -> F:
+    data: str
+    model: str | None
+    out_dir: str | None
+    exist_ok: bool
+    as_json: bool
+    folder: str
+
+    def out(self, model_path: Path) -> Path:
+        """The --out folder (default: `report_folder`); refused, unless --exist-ok, when it holds something."""
+        out = Path(self.out_dir) if self.out_dir else report_folder(model_path, self.folder)
+        refuse_existing_output(out, self.exist_ok)
+        return out
+
+
+def report_options(contents: str, folder: str, json_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """DATA, --model, --out, --exist-ok and --json, in this order: a report over a dataset. The command
+    receives them together, as a `ReportRequest` before its own options."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)  # keeps the help text and the options declared below this decorator
+        def with_report(
+            data: str, model: str | None, out_dir: str | None, exist_ok: bool, as_json: bool, **rest: Any
+        ) -> Any:
+            return command(ReportRequest(data, model, out_dir, exist_ok, as_json, folder), **rest)
+
         for option in (
             click.option("--json", "as_json", is_flag=True, help=json_help),
             exist_ok_option,
@@ -132,8 +160,8 @@ def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], 
             model_option(),
             click.argument("data", type=click.Path(exists=True)),
         ):
-            command = option(command)
-        return command
+            with_report = option(with_report)
+        return with_report
 
     return apply
 
