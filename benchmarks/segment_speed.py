@@ -23,7 +23,6 @@ import argparse
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +34,13 @@ from rich.table import Table
 from isnet_cli.backbones import build_model
 from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model
 from isnet_cli.infer.export import export_model
+from isnet_cli.infer.loading import median_seconds
 from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, make_session
 from isnet_cli.pipeline import MaskedPipeline, build_unet, export_form, parameter_count
 from isnet_cli.segment.infer import segment_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 256
-
-
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def radiographs(folder: Path, n: int) -> Path:
@@ -98,9 +87,9 @@ def unet_latency(unet: dict, work: Path, threads: int, repeats: int) -> dict[str
         )
     session = make_session(path, "cpu", threads=threads)
     with torch.inference_mode():
-        t_torch = median_s(lambda: net(x), repeats)
+        t_torch = median_seconds(lambda: net(x), repeats)
     xn = x.numpy()
-    t_onnx = median_s(lambda: session.run([LOGITS_NAME], {INPUT_NAME: xn}), repeats)
+    t_onnx = median_seconds(lambda: session.run([LOGITS_NAME], {INPUT_NAME: xn}), repeats)
     return {"torch": t_torch, "onnx": t_onnx}
 
 
@@ -111,9 +100,9 @@ def pipeline_vs_isnet(seg: Path, arch: str, size: int, repeats: int) -> dict[str
     pipeline = MaskedPipeline(classifier, segmenter, meta["contract"]["size"], 0.0).eval()
     x = torch.rand(1, 1, size, size)
     with torch.inference_mode():
-        isnet_s = median_s(lambda: classifier(x), repeats)
-        pipe_s = median_s(lambda: pipeline(x), repeats)
-        seg_s = median_s(lambda: pipeline.lung_mask(x), repeats)
+        isnet_s = median_seconds(lambda: classifier(x), repeats)
+        pipe_s = median_seconds(lambda: pipeline(x), repeats)
+        seg_s = median_seconds(lambda: pipeline.lung_mask(x), repeats)
     return {
         "isnet": {"parameters": parameter_count(classifier), "latency": isnet_s},
         "segmenter": {"parameters": parameter_count(segmenter), "latency": seg_s},

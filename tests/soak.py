@@ -119,7 +119,8 @@ def soak_predict(samples: list[Any], warmup: int, batch_size: int = 16, model: P
 
 def soak_explain(samples: list[Any], warmup: int, out_dir: Path, model: Path = DEMO_MODEL) -> SoakResult:
     """`isnet explain` over `samples` into `out_dir` (one figure per file, with the lung mask), on the CPU."""
-    from isnet_cli.report.explain import explain_many, load_explainer
+    from isnet_cli.report.explain import explain_many
+    from isnet_cli.report.explainer import load_explainer
 
     explainer = load_explainer(str(model), device="cpu")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from isnet_cli.report import audit
+from isnet_cli.report import audit, counterfactuals
 from tests.tiny_models import isnet
 
 
@@ -20,24 +20,24 @@ def test_perturbations_keep_what_they_promise():
     fills = {"background": 0.25, "lungs": 0.6}
     lungs, bg = m == 1, m == 0
     for kind in ("background_mean", "background_blur"):
-        out = audit.perturb(kind, x, m, fills, 2.0)
+        out = counterfactuals.perturb(kind, x, m, fills, 2.0)
         assert np.array_equal(out[lungs], x[lungs]) and not np.allclose(out[bg], x[bg])
-    assert np.all(audit.perturb("background_mean", x, m, fills, 2.0)[bg] == 0.25)
-    hidden = audit.perturb("lungs_hidden", x, m, fills, 2.0)
+    assert np.all(counterfactuals.perturb("background_mean", x, m, fills, 2.0)[bg] == 0.25)
+    hidden = counterfactuals.perturb("lungs_hidden", x, m, fills, 2.0)
     assert np.all(hidden[lungs] == 0.6) and np.array_equal(hidden[bg], x[bg])
-    swap = audit.perturb("background_swap", x[:1], m[:1], fills, 2.0, x[1:], m[1:])
+    swap = counterfactuals.perturb("background_swap", x[:1], m[:1], fills, 2.0, x[1:], m[1:])
     keep = bg[:1] & (m[1:] == 0)  # our background that is background in the partner too
     assert np.array_equal(swap[lungs[:1]], x[:1][lungs[:1]]) and np.array_equal(swap[keep], x[1:][keep])
     assert np.all(swap[bg[:1] & (m[1:] == 1)] == 0.25)  # partner's lungs never leak into our background
-    blurred = audit.blur(np.ones((1, 1, 8, 8), np.float32), 2.0)
+    blurred = counterfactuals.blur(np.ones((1, 1, 8, 8), np.float32), 2.0)
     assert np.allclose(blurred, 1.0)  # a normalised kernel keeps a constant image
 
 
 def test_swap_partners_and_verdict():
     groups = np.array([0, 0, 1, 1, 1])
-    partners = audit.swap_partners(groups)
+    partners = counterfactuals.swap_partners(groups)
     assert all(groups[p] != g for p, g in zip(partners, groups, strict=True))
-    assert (audit.swap_partners(np.zeros(3, int)) == -1).all()
+    assert (counterfactuals.swap_partners(np.zeros(3, int)) == -1).all()
     assert audit.verdict(0.9, 0.05).startswith("looks at the lungs")
     assert audit.verdict(0.2, 0.05).startswith("uses the background")
     assert audit.verdict(0.9, 0.6).startswith("uses the background")

@@ -135,7 +135,7 @@ def test_pretrained_rgb_first_conv_keeps_filters_with_imagenet_normalisation_fol
 
 def test_background_swap_and_audit_fill_with_the_mean_colour_per_channel() -> None:
     from isnet_cli.objective.swap import swap_backgrounds
-    from isnet_cli.report.audit import channel_fills, perturb
+    from isnet_cli.report.counterfactuals import channel_fills, perturb
 
     x = torch.zeros(2, 3, 4, 4)
     x[:, 0], x[:, 1], x[:, 2] = 0.9, 0.5, 0.1  # background colour (0.9, 0.5, 0.1) everywhere ...

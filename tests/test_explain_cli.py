@@ -43,7 +43,8 @@ def test_single_file_png_raw_and_mask_shares(tiny, tmp_path) -> None:
     assert record["target"] == record["predicted"]
     assert "in mask" in stderr
     # the raw map matches the engine on the preprocessed input, mapped back by unletterbox
-    from isnet_cli.report.explain import explain_file, load_explainer
+    from isnet_cli.report.explain import explain_file
+    from isnet_cli.report.explainer import load_explainer
 
     exp = explain_file(load_explainer(str(tiny.checkpoint), device="cpu"), image, "predicted")
     assert np.allclose(exp.relevance, relevance, atol=1e-6)

@@ -24,11 +24,7 @@ from isnet_cli.commands import options as opt
 )
 @opt.dataset_run_options("image or mask")
 def command(
-    data: str,
-    model: str | None,
-    out_dir: str | None,
-    exist_ok: bool,
-    as_json: bool,
+    request: opt.ReportRequest,
     label_column: str | None,
     worst: int,
     batch_size: int,
@@ -51,10 +47,9 @@ def command(
     from isnet_cli.infer.loading import load_backend
     from isnet_cli.io.manifest import read_dataset
 
-    spec = read_dataset(data, label_column=label_column, require_labels=False)
-    backend = load_backend(model, device=device)
-    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "audit")
-    opt.refuse_existing_output(out, exist_ok)  # before the audit runs: a refused run costs nothing
+    spec = read_dataset(request.data, label_column=label_column, require_labels=False)
+    backend = load_backend(request.model, device=device)
+    out = request.out(backend.path)  # before the audit runs: a refused run costs nothing
     say(f"model {backend.model_id}: {backend.description}")
     if not backend.has_relevance:
         say("no relevance for this model (ONNX without --with-heatmap): counterfactual tests only")
@@ -62,9 +57,14 @@ def command(
     for failure in failed:
         say_error(failure["error"])
     summary["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
-    summary["data"] = {"path": str(data), "images": len(spec.samples), "without_mask": unmasked, "failed": failed}
+    summary["data"] = {
+        "path": str(request.data),
+        "images": len(spec.samples),
+        "without_mask": unmasked,
+        "failed": failed,
+    }
     sheet = _write_audit(out, backend, audit_set, summary, per_image, worst)
-    if as_json:
+    if request.as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
@@ -77,7 +77,8 @@ def _audit(backend: Any, samples: list, batch_size: int, fail_fast: bool, no_pro
     """Load the masked images and run the audit, with a progress bar: (audit set, failed, without mask,
     summary, per image)."""
     from isnet_cli.console import make_progress, progress_enabled
-    from isnet_cli.report.audit import PERTURBATIONS, load_audit_set, run_audit
+    from isnet_cli.report.audit import load_audit_set, run_audit
+    from isnet_cli.report.counterfactuals import PERTURBATIONS
 
     with make_progress(progress_enabled(no_progress)) as progress:
         task = progress.add_task("load", total=len(samples))
@@ -96,7 +97,8 @@ def _audit(backend: Any, samples: list, batch_size: int, fail_fast: bool, no_pro
 
 def _write_audit(out: Path, backend: Any, audit_set: Any, summary: dict, per_image: list, worst: int) -> Path:
     """audit.json and the contact sheet of the `worst` offenders in `out`; returns the sheet's path."""
-    from isnet_cli.report.audit import contact_sheet, worst_offenders, write_audit
+    from isnet_cli.report.audit import write_audit
+    from isnet_cli.report.audit_sheet import contact_sheet, worst_offenders
 
     out.mkdir(parents=True, exist_ok=True)
     write_audit(out / "audit.json", summary, per_image)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -47,11 +46,7 @@ def run_scoring(backend: Any, samples: list, labels: list[int], opts: dict[str, 
 )
 @opt.dataset_run_options()
 def command(
-    data: str,
-    model: str | None,
-    out_dir: str | None,
-    exist_ok: bool,
-    as_json: bool,
+    request: opt.ReportRequest,
     compare_model: str | None,
     label_column: str | None,
     threshold: float | None,
@@ -78,20 +73,19 @@ def command(
     from isnet_cli.io.manifest import read_dataset
     from isnet_cli.report.evaluate import build_report, label_indices, write_report
 
-    spec = read_dataset(data, label_column=label_column)
-    backend = load_backend(model, device=device)
+    spec = read_dataset(request.data, label_column=label_column)
+    backend = load_backend(request.model, device=device)
     check_threshold(threshold, backend.classes)
-    out = Path(out_dir) if out_dir else opt.report_folder(backend.path, "eval")
-    opt.refuse_existing_output(out, exist_ok)  # before scoring: a refused run costs nothing
+    out = request.out(backend.path)  # before scoring: a refused run costs nothing
     say(f"model {backend.model_id}: {backend.description}")
-    labels = label_indices(spec.samples, backend.classes, data)
+    labels = label_indices(spec.samples, backend.classes, request.data)
     opts = {"batch_size": batch_size, "relevance": relevance, "fail_fast": fail_fast, "no_progress": no_progress}
     scored = run_scoring(backend, spec.samples, labels, opts, "evaluate")
     for failure in scored.failed:
         say_error(failure["error"])
     report = build_report(scored, backend.classes, threshold)
     report["model"] = {"file": str(backend.path), "model_id": backend.model_id, "arch": backend.meta.get("arch")}
-    report["data"] = {"path": str(data), "images": len(spec.samples)}
+    report["data"] = {"path": str(request.data), "images": len(spec.samples)}
     report["roi"] = backend.contract.roi_label
     if relevance and report["inside_mask_share"] is None:
         reason = "no masks in the data" if not any(s.mask for s in spec.samples) else "no relevance for this model"
@@ -99,7 +93,7 @@ def command(
     if compare_model is not None:
         report["compare"] = _compare(compare_model, device, backend, scored, spec.samples, labels, opts, report)
     write_report(report, scored, out)
-    if as_json:
+    if request.as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_report(report)

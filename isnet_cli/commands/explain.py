@@ -10,6 +10,7 @@ import click
 
 from isnet_cli.commands.options import (
     anonymize_option,
+    choice_option,
     device_option,
     exist_ok_option,
     fail_fast_option,
@@ -19,7 +20,7 @@ from isnet_cli.commands.options import (
     refuse_existing_output,
 )
 from isnet_cli.lrp.names import RULES
-from isnet_cli.report.explain import OUT_FORMATS
+from isnet_cli.report.explain import OUT_FORMATS, write_summary
 
 
 @click.command("explain")
@@ -63,13 +64,7 @@ from isnet_cli.report.explain import OUT_FORMATS
     help="Also save the relevance at the original geometry: .npy or .nii.gz file (one input) or a folder of .npy.",
 )
 @click.option("--side-by-side", is_flag=True, help="Show the plain X-ray beside the overlay.")
-@click.option(
-    "--rule",
-    type=click.Choice(RULES),
-    default=RULES[0],
-    show_default=True,
-    help="LRP rule for conv/linear layers (zB at the first layer in all cases).",
-)
+@choice_option("--rule", choices=RULES, help="LRP rule for conv/linear layers (zB at the first layer in all cases).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
 @exist_ok_option
 @device_option
@@ -110,7 +105,7 @@ def command(
     from isnet_cli.errors import InputError
     from isnet_cli.io.dicom_out import require_dicom
     from isnet_cli.io.inputs import expand_inputs
-    from isnet_cli.report.explain import load_explainer, write_summary
+    from isnet_cli.report.explainer import load_explainer
 
     samples = expand_inputs(list(inputs))
     single = _is_single(inputs, samples)

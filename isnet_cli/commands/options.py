@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,11 +79,17 @@ def threshold_option(subject: str) -> Callable[[F], F]:
 label_column_option = click.option(
     "--label-column", default=None, help="Manifest column with the class names (default: label)."
 )
-window_option = click.option(
+
+
+def choice_option(*names: str, choices: Sequence[str], help: str) -> Callable[[F], F]:
+    """An option (`names`: its flags, then optionally its parameter name) taking one of `choices`, the first
+    by default, shown in --help."""
+    return click.option(*names, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
+
+
+window_option = choice_option(
     "--window",
-    type=click.Choice(WINDOW_POLICIES),
-    default=WINDOW_POLICIES[0],
-    show_default=True,
+    choices=WINDOW_POLICIES,
     help="DICOM grey-level policy: the file's VOI LUT/window, min-max, or percentiles of the pixel data.",
 )
 batch_size_option = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
@@ -115,10 +123,36 @@ def dataset_run_options(what: str = "input") -> Callable[[F], F]:
     return apply
 
 
-def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], F]:
-    """DATA, --model, --out, --exist-ok and --json, in this order: a report over a dataset."""
+@dataclass(frozen=True)
+class ReportRequest:
+    """What `report_options` hands a report command: DATA, --model, --out, --exist-ok, --json, and the name
+    of the default --out folder."""
 
-    def apply(command: F) -> F:
+    data: str
+    model: str | None
+    out_dir: str | None
+    exist_ok: bool
+    as_json: bool
+    folder: str
+
+    def out(self, model_path: Path) -> Path:
+        """The --out folder (default: `report_folder`); refused, unless --exist-ok, when it holds something."""
+        out = Path(self.out_dir) if self.out_dir else report_folder(model_path, self.folder)
+        refuse_existing_output(out, self.exist_ok)
+        return out
+
+
+def report_options(contents: str, folder: str, json_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """DATA, --model, --out, --exist-ok and --json, in this order: a report over a dataset. The command
+    receives them together, as a `ReportRequest` before its own options."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)  # keeps the help text and the options declared below this decorator
+        def with_report(
+            data: str, model: str | None, out_dir: str | None, exist_ok: bool, as_json: bool, **rest: Any
+        ) -> Any:
+            return command(ReportRequest(data, model, out_dir, exist_ok, as_json, folder), **rest)
+
         for option in (
             click.option("--json", "as_json", is_flag=True, help=json_help),
             exist_ok_option,
@@ -126,19 +160,12 @@ def report_options(contents: str, folder: str, json_help: str) -> Callable[[F], 
             model_option(),
             click.argument("data", type=click.Path(exists=True)),
         ):
-            command = option(command)
-        return command
+            with_report = option(with_report)
+        return with_report
 
     return apply
 
 
-def format_option(choices: tuple[str, ...] | list[str], help: str) -> Callable[[F], F]:
+def format_option(choices: Sequence[str], help: str) -> Callable[[F], F]:
     """`--format`: one of `choices`, the first by default."""
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(choices),
-        default=choices[0],
-        show_default=True,
-        help=help,
-    )
+    return choice_option("--format", "fmt", choices=choices, help=help)

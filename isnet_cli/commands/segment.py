@@ -122,11 +122,9 @@ def train(ctx: click.Context, data: str | None, channels: str, resume: str | Non
 @click.option(
     "--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for masks/, qc.csv, manifest.csv."
 )
-@click.option(
+@opt.choice_option(
     "--qc",
-    type=click.Choice(QC_CHOICES),
-    default=QC_CHOICES[0],
-    show_default=True,
+    choices=QC_CHOICES,
     help="Masks flagged by quality control: left out of the new manifest, or kept (empty masks are always left out).",
 )
 @click.option(

@@ -8,6 +8,8 @@ audit either kind of model behind one interface (`Backend`); an `.onnx` model ne
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -162,8 +164,6 @@ def pipeline_stages(path: str | Path, repeats: int = 10) -> list[dict[str, Any]]
     """Parameters and measured latency (CPU, one image at the contract's size, median of `repeats` runs
     after a warm-up) of each stage of a `--variant masked` checkpoint: the segmenter (its input resize and
     mask included) and the classifier. Measured when asked: latency depends on the machine."""
-    import time
-
     import torch
 
     from isnet_cli.pipeline import parameter_count
@@ -175,13 +175,7 @@ def pipeline_stages(path: str | Path, repeats: int = 10) -> list[dict[str, Any]]
 
     def median_ms(fn: Any) -> float:
         with torch.inference_mode():
-            fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
+            return median_seconds(fn, repeats) * 1e3
 
     with torch.inference_mode():
         masked = pipeline.masked_input(x)
@@ -197,3 +191,14 @@ def pipeline_stages(path: str | Path, repeats: int = 10) -> list[dict[str, Any]]
             "latency_ms": median_ms(lambda: pipeline.classifier(masked)),
         },
     ]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` calls, after one warm-up call that is not timed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

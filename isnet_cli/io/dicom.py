@@ -188,18 +188,7 @@ def _decode(path: Path, ds: Any, record: dict[str, Any], window: str, percentile
     """The pixel pipeline of `read_dicom` on a dataset whose header has been read."""
     _check_supported(path, ds)
     check_pixels(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))  # before decoding
-    try:
-        stored = ds.pixel_array
-    except BaseException as exc:  # decoders raise many types (ValueError, RuntimeError, plugin errors)
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            raise  # KeyboardInterrupt, SystemExit; a Rust decoder's panic (pylibjpeg-rle) is the file's fault
-        raise InputError(
-            path,
-            f"cannot decode pixel data ({record['transfer_syntax']}): {brief(exc)}",
-            "the file may be truncated, or a decoder plugin (pylibjpeg-libjpeg/-openjpeg/-rle) is missing",
-        ) from None
-    if stored.ndim != 2:
-        raise InputError(path, f"pixel data has shape {list(stored.shape)}; expected one greyscale frame")
+    stored = _stored_pixels(path, ds, record)
     photometric = str(ds.PhotometricInterpretation).strip()
     record.update(
         {
@@ -215,10 +204,46 @@ def _decode(path: Path, ds: Any, record: dict[str, Any], window: str, percentile
     )
     pad, pad_info = _padding_mask(ds, stored)
     record.update(pad_info)
-    valid = None if pad is None else ~pad
     values, record["modality_lut"] = _modality(ds, stored)
     require_finite(path, np.asarray(values), f"the modality transform ({record['modality_lut']})")
+    image = _voi(ds, values, photometric, window, percentiles, None if pad is None else ~pad, record)
+    require_finite(path, image, f"the VOI transform ({record['voi']})")
+    if photometric == "MONOCHROME1":
+        image = 1.0 - image  # MONOCHROME1: high values are dark; invert so that air is dark everywhere
+    record["inverted"] = photometric == "MONOCHROME1"
+    if pad is not None:
+        image[pad] = 0.0  # padding is outside the detector: treat it as air
+    return Decoded(np.ascontiguousarray(image.clip(0.0, 1.0), np.float32), record)
 
+
+def _stored_pixels(path: Path, ds: Any, record: dict[str, Any]) -> np.ndarray:
+    """The decoded stored values, one (H, W) frame; a decoder failure is the file's fault (InputError)."""
+    try:
+        stored = ds.pixel_array
+    except BaseException as exc:  # decoders raise many types (ValueError, RuntimeError, plugin errors)
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit; a Rust decoder's panic (pylibjpeg-rle) is the file's fault
+        raise InputError(
+            path,
+            f"cannot decode pixel data ({record['transfer_syntax']}): {brief(exc)}",
+            "the file may be truncated, or a decoder plugin (pylibjpeg-libjpeg/-openjpeg/-rle) is missing",
+        ) from None
+    if stored.ndim != 2:
+        raise InputError(path, f"pixel data has shape {list(stored.shape)}; expected one greyscale frame")
+    return stored
+
+
+def _voi(
+    ds: Any,
+    values: np.ndarray,
+    photometric: str,
+    window: str,
+    percentiles: tuple[float, float],
+    valid: np.ndarray | None,
+    record: dict[str, Any],
+) -> np.ndarray:
+    """The VOI step: modality values -> [0, 1] by the file's VOI LUT or window (`dicom-window`), else by
+    min-max or percentiles of the `valid` (not padding) pixels; how, recorded in `record`."""
     image: np.ndarray | None = None
     if window == "dicom-window":
         voi_seq = ds.get("VOILUTSequence")
@@ -239,13 +264,7 @@ def _decode(path: Path, ds: Any, record: dict[str, Any], window: str, percentile
         image, scaling = scale_range(values.astype(np.float64), policy, percentiles, valid)
         record["voi"] = scaling["scaling"]
         record["range"] = scaling["range"]
-    require_finite(path, image, f"the VOI transform ({record['voi']})")
-    if photometric == "MONOCHROME1":
-        image = 1.0 - image  # MONOCHROME1: high values are dark; invert so that air is dark everywhere
-    record["inverted"] = photometric == "MONOCHROME1"
-    if pad is not None:
-        image[pad] = 0.0  # padding is outside the detector: treat it as air
-    return Decoded(np.ascontiguousarray(image.clip(0.0, 1.0), np.float32), record)
+    return image
 
 
 def write_dicom(

@@ -3,16 +3,12 @@
 For every image with a lung mask M (model input x, values per the model's input contract):
 - inside share = sum(|R| M) / sum(|R|), R the LRP relevance of the predicted class summed over channels
   (needs a checkpoint or an export made with --with-heatmap; otherwise left out);
-- background replaced, lungs kept (x' = x M + b (1 - M)) with b =
-  `background_mean`: the mean background intensity of the audited set (one constant for all images),
-  `background_blur`: the image blurred with a Gaussian of sigma = size / 16,
-  `background_swap`: the background of an image of another class (true label, else predicted class;
-  partner drawn with seed 0); where the partner's own lungs fall in our background, the mean is used;
-- lungs hidden, background kept (`lungs_hidden`: x' = x (1 - M) + mean lung intensity of the set M).
-The means are per channel (a colour background is filled with its mean colour), the blur channel by
-channel. A flip is a change of the predicted class. The verdict uses the constants below. "Lungs" is
+- the predictions on the counterfactuals of `isnet_cli.report.counterfactuals` (background mean-filled,
+  blurred or swapped with another class's, lungs hidden).
+A flip is a change of the predicted class. The verdict uses the constants below. "Lungs" is
 the mask's region: the model's contract names it (`roi_name`), and the verdict and the report use that
-name ("region of interest (face)") for data sets that are not chest X-rays.
+name ("region of interest (face)") for data sets that are not chest X-rays. The contact sheet of the
+worst offenders is `isnet_cli.report.audit_sheet`.
 """
 
 from __future__ import annotations
@@ -26,6 +22,14 @@ import numpy as np
 
 from isnet_cli.errors import InputError
 from isnet_cli.infer.predict import iter_prepared, softmax
+from isnet_cli.report.counterfactuals import (
+    BLUR_SIGMA_FRACTION,
+    PERTURBATIONS,
+    channel_fills,
+    fill_record,
+    perturb,
+    swap_partners,
+)
 from isnet_cli.report.metrics import mask_shares
 
 # Verdict thresholds (documented in the report and the README).
@@ -33,9 +37,6 @@ LUNGS_MIN_SHARE = 0.7  # "looks at the lungs": mean |R| share inside the lungs a
 LUNGS_MAX_SWAP_FLIP = 0.1  # ... and at most this fraction of predictions flip when the background is swapped
 SHORTCUT_MAX_SHARE = 0.5  # "uses the background": mean share below this ...
 SHORTCUT_MIN_SWAP_FLIP = 0.25  # ... or more than this fraction flips on a background swap
-BLUR_SIGMA_FRACTION = 1 / 16
-PERTURBATIONS = ("background_mean", "background_blur", "background_swap", "lungs_hidden")
-SEED = 0
 
 
 @dataclass
@@ -48,74 +49,9 @@ class AuditSet:
     labels: np.ndarray  # (N,) class index, -1 when unknown
 
 
-def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
-    """G (S, S) with rows summing to 1: blur(img) = G img G^T (renormalised at the borders)."""
-    i = np.arange(size, dtype=np.float64)
-    g = np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2))
-    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of (B, C, S, S) images."""
-    g = gaussian_matrix(x.shape[-1], sigma)
-    return np.einsum("ij,bcjk,lk->bcil", g, x, g, optimize=True).astype(np.float32)
-
-
-def swap_partners(groups: np.ndarray, seed: int = SEED) -> np.ndarray:
-    """For every image, a random image of another group (-1 where no other group exists)."""
-    rng = np.random.default_rng(seed)
-    partners = np.full(len(groups), -1, dtype=np.int64)
-    for i, g in enumerate(groups):
-        others = np.flatnonzero(groups != g)
-        if len(others):
-            partners[i] = rng.choice(others)
-    return partners
-
-
-def perturb(
-    kind: str,
-    x: np.ndarray,
-    m: np.ndarray,
-    fills: dict[str, Any],
-    sigma: float,
-    other: np.ndarray | None = None,
-    other_m: np.ndarray | None = None,
-) -> np.ndarray:
-    """One counterfactual batch (see the module docstring for the formulas); `fills`: per channel (C,), or
-    one number for every channel (audit.json's `fill_values`)."""
-    bg = 1.0 - m
-    background, lungs = (np.asarray(fills[k], np.float32).reshape(1, -1, 1, 1) for k in ("background", "lungs"))
-    if kind == "background_mean":
-        return x * m + background * bg
-    if kind == "background_blur":
-        return x * m + blur(x, sigma) * bg
-    if kind == "background_swap":
-        assert other is not None and other_m is not None
-        return x * m + bg * (other * (1.0 - other_m) + background * other_m)
-    if kind == "lungs_hidden":
-        return x * bg + lungs * m
-    raise ValueError(kind)
-
-
 def _batched_probs(backend: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     out = [softmax(np.asarray(backend.logits(x[i : i + batch_size]), np.float64)) for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(backend.classes)))
-
-
-def channel_fills(x: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean background and mean in-mask value of the set, per channel: (C,) each."""
-    inside = np.broadcast_to(m.astype(bool), x.shape)
-    count_in = np.maximum(inside.sum(axis=(0, 2, 3)), 1)
-    count_out = np.maximum((~inside).sum(axis=(0, 2, 3)), 1)
-    return {
-        "background": (np.where(inside, 0.0, x).sum(axis=(0, 2, 3)) / count_out).astype(np.float32),
-        "lungs": (np.where(inside, x, 0.0).sum(axis=(0, 2, 3)) / count_in).astype(np.float32),
-    }
-
-
-def fill_record(fills: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
-    """audit.json's fill values: one number per fill for grey models, a list per channel for colour ones."""
-    return {k: float(v[0]) if len(v) == 1 else [float(c) for c in v] for k, v in fills.items()}
 
 
 def verdict(share: float | None, swap_flip: float | None, roi: str = "lungs") -> str:
@@ -295,95 +231,6 @@ def _per_image(
         row["swap_partner"] = audit_set.files[partners[i]] if partners[i] >= 0 else None
         per_image.append(row)
     return per_image
-
-
-def worst_offenders(per_image: list[dict[str, Any]], k: int = 8) -> list[int]:
-    """Indices of the images most driven by the background: swap flips first, then lowest share, then |dp|."""
-
-    def badness(i: int) -> tuple[float, float, float]:
-        row = per_image[i]
-        swap = row["background_swap"] or {}
-        share = row["inside_mask_share"]
-        return (
-            float(swap.get("flipped", False)),
-            -(share if share is not None else 1.0),
-            swap.get("abs_prob_change", 0.0),
-        )
-
-    return sorted(range(len(per_image)), key=badness, reverse=True)[:k]
-
-
-def contact_sheet(
-    path: Path,
-    backend: Any,
-    audit_set: AuditSet,
-    per_image: list[dict[str, Any]],
-    indices: list[int],
-    fills: dict[str, Any],
-    roi_name: str = "lung",
-) -> None:
-    """PNG: per offender the input (in colour for colour models) with the mask contour, its LRP heatmap
-    (if any) and the swapped input."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not indices:
-        return
-    x, m = audit_set.x[indices], audit_set.masks[indices]
-    relevance = backend.relevance(x)[1].sum(axis=1) if backend.has_relevance else None
-    cols = 3 if relevance is not None else 2
-    fig, axes = plt.subplots(len(indices), cols, figsize=(2.6 * cols, 2.7 * len(indices)), squeeze=False)
-    for row, i in enumerate(indices):
-        info = per_image[i]
-        ax = axes[row][0]
-        _show_input(ax, x[row])
-        ax.contour(m[row, 0], levels=[0.5], colors="lime", linewidths=0.8)
-        share = info["inside_mask_share"]
-        ax.set_title(
-            f"{Path(info['file']).name}\npred {info['predicted']} (true {info['label']})"
-            + (f"\nin-{roi_name} |R| {share:.2f}" if share is not None else ""),
-            fontsize=7,
-        )
-        if relevance is not None:
-            r = relevance[row]
-            lim = float(np.abs(r).max()) or 1.0
-            axes[row][1].imshow(r, cmap="bwr", vmin=-lim, vmax=lim)
-            axes[row][1].contour(m[row, 0], levels=[0.5], colors="k", linewidths=0.5)
-            axes[row][1].set_title("LRP relevance", fontsize=7)
-        swap = info["background_swap"]
-        ax = axes[row][cols - 1]
-        if swap is not None and info["swap_partner"] is not None:
-            j = audit_set.files.index(info["swap_partner"])
-            swapped = perturb(
-                "background_swap",
-                x[row : row + 1],
-                m[row : row + 1],
-                fills,
-                1.0,
-                audit_set.x[j : j + 1],
-                audit_set.masks[j : j + 1],
-            )
-            _show_input(ax, swapped[0])
-            ax.set_title(
-                f"background swapped\npred {swap['predicted']}" + (" (FLIP)" if swap["flipped"] else ""), fontsize=7
-            )
-        for a in axes[row]:
-            a.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _show_input(ax: Any, x: np.ndarray) -> None:
-    """Draw one (C, S, S) model input: RGB for 3 channels, grey (mean over channels) otherwise."""
-    if x.shape[0] == 3:
-        lo, hi = float(x.min()), float(x.max())
-        ax.imshow(((x - lo) / max(hi - lo, 1e-6)).transpose(1, 2, 0))
-        return
-    img = x.mean(axis=0)
-    ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(img.max()), 1e-6))
 
 
 def load_audit_set(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,48 +71,24 @@ def render_heatmap(
     its contour labelled `roi_label`. With `side_by_side` the plain image is shown left of the overlay.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    from isnet_cli.io.masks import resize_nearest
-    from isnet_cli.io.preprocess import resize_bilinear
 
     if image.shape[:2] != relevance.shape:
         raise ValueError(f"image {image.shape} and relevance {relevance.shape} differ in shape")
     h, w = relevance.shape
     ph, pw = panel_shape(h, w)
     fh, fw = figure_shape(h, w, side_by_side)
-    relevance = np.nan_to_num(relevance.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if ph < h:  # a 3000 px radiograph is drawn at panel size: no 200 MB RGBA overlay
-        image = resize_bilinear(image, (ph, pw))
-        relevance = resize_bilinear(relevance, (ph, pw))
-        mask = None if mask is None else resize_nearest(mask, (ph, pw))
+    image, relevance, mask = _at_panel_size(image, relevance, mask, (ph, pw))
     dpi = 100
     fig = Figure(figsize=(fw / dpi, fh / dpi), dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
     vmax = clip_value(relevance, percentile)
     panels = 2 if side_by_side else 1
-    axes = []
-    for i in range(panels):
-        ax = fig.add_axes((i * pw / fw, 0.0, pw / fw, ph / fh))
-        if image.ndim == 3:
-            ax.imshow(np.clip(image, 0.0, 1.0), interpolation="bilinear", aspect="auto")
-        else:
-            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", aspect="auto")
-        ax.set_axis_off()
-        axes.append(ax)
+    axes = [_image_panel(fig, image, (i * pw / fw, 0.0, pw / fw, ph / fh)) for i in range(panels)]
     axes[-1].imshow(overlay_rgba(relevance, vmax), interpolation="bilinear", aspect="auto")
     if mask is not None and mask.any() and not mask.all():
-        for ax in axes:
-            ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
-        legend = [Line2D([], [], color=MASK_COLOUR, linewidth=1.2, label=roi_label)]
-        axes[-1].legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.6)
-    cax = fig.add_axes(((panels * pw + 18) / fw, 0.08 * ph / fh, 16 / fw, 0.84 * ph / fh))
-    bar = fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), cmap=CMAP), cax=cax)
-    bar.set_label("relevance (clipped at p99 |R|)", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+        _mask_contours(axes, mask, roi_label)
+    _colour_bar(fig, vmax, ((panels * pw + 18) / fw, 0.08 * ph / fh, 16 / fw, 0.84 * ph / fh))
     if title:
         fig.text(0.5, 1.0 - (TITLE_PX / 2) / fh, title, ha="center", va="center", fontsize=11)
     buffer = io.BytesIO()
@@ -122,3 +99,51 @@ def render_heatmap(
 
         atomic_write_bytes(Path(out), data)
     return data
+
+
+def _at_panel_size(
+    image: np.ndarray, relevance: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The image, the relevance (non-finite values as 0) and the mask, downscaled to the panel's `shape`
+    where that is smaller: a 3000 px radiograph is drawn at panel size, with no 200 MB RGBA overlay."""
+    from isnet_cli.io.masks import resize_nearest
+    from isnet_cli.io.preprocess import resize_bilinear
+
+    relevance = np.nan_to_num(relevance.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if shape[0] < relevance.shape[0]:
+        image = resize_bilinear(image, shape)
+        relevance = resize_bilinear(relevance, shape)
+        mask = None if mask is None else resize_nearest(mask, shape)
+    return image, relevance, mask
+
+
+def _image_panel(fig: Any, image: np.ndarray, rect: tuple[float, float, float, float]) -> Any:
+    """Axes at `rect` (figure fractions) showing the image, in colour or in grey; returns the axes."""
+    ax = fig.add_axes(rect)
+    if image.ndim == 3:
+        ax.imshow(np.clip(image, 0.0, 1.0), interpolation="bilinear", aspect="auto")
+    else:
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", aspect="auto")
+    ax.set_axis_off()
+    return ax
+
+
+def _mask_contours(axes: list[Any], mask: np.ndarray, roi_label: str) -> None:
+    """The mask's contour on every panel, and a legend naming its region on the last."""
+    from matplotlib.lines import Line2D
+
+    for ax in axes:
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
+    legend = [Line2D([], [], color=MASK_COLOUR, linewidth=1.2, label=roi_label)]
+    axes[-1].legend(handles=legend, loc="lower right", fontsize=8, framealpha=0.6)
+
+
+def _colour_bar(fig: Any, vmax: float, rect: tuple[float, float, float, float]) -> None:
+    """The relevance colour bar (-vmax..vmax) at `rect` (figure fractions)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cax = fig.add_axes(rect)
+    bar = fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), cmap=CMAP), cax=cax)
+    bar.set_label("relevance (clipped at p99 |R|)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)

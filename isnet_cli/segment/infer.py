@@ -15,7 +15,7 @@ import csv
 import io
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,14 +214,11 @@ def segment_inputs(
     with `fail_fast` the first one raises, after everything before it was written. `fmt`: `png` masks, or
     `seg` (DICOM inputs only; `anonymize` replaces the patient and study identifiers they copy).
     """
-    from isnet_cli.console import make_progress, say, say_error
+    from isnet_cli.console import make_progress, say
     from isnet_cli.io.inputs import expand_inputs
     from isnet_cli.segment.model import open_segmenter
 
-    if qc not in QC_CHOICES:
-        raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
-    if fmt not in MASK_FORMATS:
-        raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(MASK_FORMATS)}")
+    _check_choices(qc, fmt)
     samples = expand_inputs(list(inputs))
     if fmt == "seg":
         require_dicom([s.image for s in samples], "--format seg")  # a SEG references its image by UID
@@ -230,7 +227,7 @@ def segment_inputs(
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
     names = MaskNames(samples, ".dcm" if fmt == "seg" else ".png")
-    series, segmenter_id = RunSeries(), model_id(segmenter.path)  # one SEG Series per run and Study
+    writer = MaskWriter(out, fmt, names, model_id(segmenter.path), anonymize, overlay)
     qc_file = QcFile(out / "qc.csv")
     kept: dict[str, str] = {}
     written = flagged = failed = 0
@@ -241,35 +238,12 @@ def segment_inputs(
                 bar.advance(task)
                 if isinstance(item, Failure):
                     failed += 1
-                    say_error(item.message)
-                    qc_file.write({"image": item.file, "ok": 0, "problems": item.message})
+                    _record_failure(item, qc_file)
                     continue
-                name = names(item.sample.image)
-                if fmt == "seg":
-                    write_seg(
-                        out / name,
-                        item.sample.image,
-                        item.mask,
-                        SEGMENTER_NAME,
-                        segmenter_id,
-                        __version__,
-                        anonymize,
-                        series,
-                    )
-                else:
-                    atomic_write_bytes(out / name, mask_png(item.mask))
-                if overlay is not None:
-                    png = overlay_png(item.image, item.mask, item.qc.ok)
-                    atomic_write_bytes(overlay / Path(name.removeprefix("masks/")).with_suffix(".png"), png)
+                name = writer.write(item)
                 written += 1
-                qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
-                use = item.qc.ok or (qc == "keep" and not item.qc.empty)
-                if use:
-                    kept[str(item.sample.image.resolve())] = name
-                if not item.qc.ok:
+                if _record_qc(item, name, qc, qc_file, kept, in_manifest=source is not None):
                     flagged += 1
-                    fate = "" if source is None else (", kept in the manifest" if use else ", left out of the manifest")
-                    say(f"qc: {item.sample.image}: {'; '.join(item.qc.problems)} (mask {name}{fate})")
     finally:
         qc_file.close()
     manifest, rows = None, 0
@@ -277,3 +251,70 @@ def segment_inputs(
         manifest = out / "manifest.csv"
         rows = write_manifest(manifest, *source, kept)
     return SegmentSummary(written, flagged, failed, manifest, rows)
+
+
+def _check_choices(qc: str, fmt: str) -> None:
+    """Refuse a --qc or --format that is not one of the choices."""
+    if qc not in QC_CHOICES:
+        raise InputError(None, f"--qc {qc}: unknown choice", f"one of {', '.join(QC_CHOICES)}")
+    if fmt not in MASK_FORMATS:
+        raise InputError(None, f"--format {fmt}: unknown choice", f"one of {', '.join(MASK_FORMATS)}")
+
+
+@dataclass
+class MaskWriter:
+    """Writes each input's mask under OUT (an 8-bit PNG, or with `fmt="seg"` a DICOM SEG in this run's
+    Series of its Study) and, with `overlay`, its contour overlay there."""
+
+    out: Path
+    fmt: str
+    names: MaskNames
+    segmenter_id: str
+    anonymize: bool
+    overlay: Path | None
+    series: RunSeries = field(default_factory=RunSeries)  # one SEG Series per run and Study
+
+    def write(self, item: Segmented) -> str:
+        """Write `item`'s mask (and overlay); returns the mask's path relative to OUT."""
+        name = self.names(item.sample.image)
+        if self.fmt == "seg":
+            write_seg(
+                self.out / name,
+                item.sample.image,
+                item.mask,
+                SEGMENTER_NAME,
+                self.segmenter_id,
+                __version__,
+                self.anonymize,
+                self.series,
+            )
+        else:
+            atomic_write_bytes(self.out / name, mask_png(item.mask))
+        if self.overlay is not None:
+            png = overlay_png(item.image, item.mask, item.qc.ok)
+            atomic_write_bytes(self.overlay / Path(name.removeprefix("masks/")).with_suffix(".png"), png)
+        return name
+
+
+def _record_failure(item: Failure, qc_file: QcFile) -> None:
+    """An unreadable input: one line on stderr and its qc.csv row (ok = 0, the message as its problem)."""
+    from isnet_cli.console import say_error
+
+    say_error(item.message)
+    qc_file.write({"image": item.file, "ok": 0, "problems": item.message})
+
+
+def _record_qc(item: Segmented, name: str, qc: str, qc_file: QcFile, kept: dict[str, str], in_manifest: bool) -> bool:
+    """The input's qc.csv row; its mask into `kept` (for the manifest) when QC passed or `qc` keeps it;
+    a flagged mask reported in one line. Returns whether QC flagged it."""
+    from isnet_cli.console import say
+
+    qc_file.write({"image": str(item.sample.image), "mask": name, **item.qc.row()})
+    use = item.qc.ok or (qc == "keep" and not item.qc.empty)
+    if use:
+        kept[str(item.sample.image.resolve())] = name
+    if item.qc.ok:
+        return False
+    fate = "" if not in_manifest else (", kept in the manifest" if use else ", left out of the manifest")
+    say(f"qc: {item.sample.image}: {'; '.join(item.qc.problems)} (mask {name}{fate})")
+    return True

@@ -1,6 +1,6 @@
-"""One process's training machinery: loaders, optimizer, one training epoch (as short named steps),
-validation, precise batch norm, the C1/C2 warm-up and the per-epoch heatmap figure. The loop that
-drives it, epoch by epoch, is `isnet_cli.train.fit`.
+"""One process's training machinery: loaders, optimizer, one training epoch (as short named steps) and
+the C1/C2 warm-up. Validation on it (precise batch norm, scores, the per-epoch heatmap figure) is
+`isnet_cli.train.validation`; the loop that drives both, epoch by epoch, is `isnet_cli.train.fit`.
 
 One training step (variant `selective`, the default):
 
@@ -19,10 +19,8 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -31,16 +29,14 @@ from isnet_cli.console import console, progress_enabled
 from isnet_cli.device import resolve_device
 from isnet_cli.distributed import Dist
 from isnet_cli.objective.loss import heatmap_loss
-from isnet_cli.objective.objective import Objective, hidden_map, lds_layers, make_lrp, relevance_stats
+from isnet_cli.objective.objective import Objective, hidden_map, lds_layers, make_lrp
 from isnet_cli.objective.settings import TARGETS, HeatmapLossParams
 from isnet_cli.objective.swap import swap_backgrounds
 from isnet_cli.objective.tuning import Welford, cut_from_stats
-from isnet_cli.report.metrics import classification_scores
 from isnet_cli.train import ddp
 from isnet_cli.train.config import TrainConfig
-from isnet_cli.train.data import DataBundle, EpochSampler, check_files, make_sets
+from isnet_cli.train.data import DataBundle, check_files, make_sets
 from isnet_cli.train.health import GRAD_TERMS_EVERY, gradient_split, step_diagnostics
-from isnet_cli.train.run_folder import heatmap_grid
 from isnet_cli.train.state import RunState
 from isnet_cli.train.stop import StopFlag, TrainingDiverged, TrainingInterrupted, ignore_sigint
 
@@ -329,89 +325,3 @@ class Trainer:
         if keep_weights:
             model.load_state_dict(warm.state_dict())
         return cuts
-
-    # -- validation -------------------------------------------------------------------------------------
-    def recalibrate_bn(self, model: nn.Module) -> None:
-        """Re-estimate batch-norm running statistics on the training data with the epoch's final weights.
-
-        The running averages collected during the epoch mix statistics of weights that kept changing;
-        the ISNet loss changes activations a lot, and eval-mode predictions (validation, checkpoint
-        selection, every later use of the model) then drift from what training optimised. One
-        no-grad forward pass per epoch (cumulative averages, momentum=None) fixes that ("precise BN").
-        """
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        train = self.sets.train
-        sampler = EpochSampler(len(train), self.cfg.seed, self.dist.rank, self.dist.world, shuffle=False)
-        with torch.no_grad():
-            for x, _, _ in self.loader(train, sampler, 0, drop_last=self.sets.drop_last):
-                model(x.to(self.device))
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-            ddp.average_over_ranks(self.dist, [m.running_mean, m.running_var])
-
-    def evaluate(self, model: nn.Module, objective: Objective, ds: Any, with_heat: bool) -> dict[str, float]:
-        """Loss parts, accuracy, macro-F1, AUROC and share of |R| inside the mask on `ds` (all ranks pooled)."""
-        parts = self.gather(self._evaluate_here(model, objective, ds, with_heat))
-        probs = np.concatenate([q[0] for q in parts])
-        labels = np.concatenate([q[1] for q in parts])
-        shares = np.concatenate([q[2] for q in parts])
-        result = {**loss_means(sum(q[3] for q in parts)), **classification_scores(labels, probs)}
-        if len(shares):
-            result["share_inside"] = float(np.mean(shares))
-        return result
-
-    def _evaluate_here(
-        self, model: nn.Module, objective: Objective, ds: Any, with_heat: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-        """This rank's part of `evaluate`: (probabilities, labels, in-mask shares, loss sums)."""
-        model.eval()
-        # no padding: every sample is scored exactly once over all ranks
-        sampler = EpochSampler(len(ds), 0, self.dist.rank, self.dist.world, shuffle=False, pad=False)
-        probs, labels, shares, sums = [], [], [], torch.zeros(5, dtype=torch.float64)
-        explainer = objective.lrp if (with_heat and objective.lrp is not None) else None
-        for x, mask, y in self.loader(ds, sampler, 0):
-            x, mask, y = (t.to(self.device) for t in (x, mask, y))
-            if with_heat:
-                with torch.enable_grad() if self.cfg.method == "rrr" else torch.no_grad():
-                    out = objective(x, mask, y)
-                share = out.share
-                if share is None:
-                    share, _ = relevance_stats(explainer or self.explainer(model), x, mask, "predicted")
-                shares.append(share.cpu())
-            else:
-                with torch.no_grad():
-                    out = objective(x, mask, y, heat=False)
-            sums += loss_sums(out, len(y))
-            probs.append(torch.softmax(out.logits.float(), 1).cpu())
-            labels.append(y.cpu())
-        return (
-            torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes))),
-            torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
-            torch.cat(shares).numpy() if shares else np.zeros(0),
-            sums,
-        )
-
-    def heatmap_figure(self, model: nn.Module, lrp: Any, path: Path) -> None:
-        """A few validation heatmaps (predicted class) of this epoch's model: heatmaps/epoch_N.png."""
-        val = self.sets.val
-        n = min(self.cfg.heatmaps, len(val))
-        if n <= 0:
-            return
-        model.eval()
-        xs, ms, ys = zip(*(val[i] for i in range(n)), strict=True)
-        x, m = torch.stack(xs).to(self.device), torch.stack(ms)
-        lrp = lrp or self.explainer(model)
-        with torch.no_grad():
-            relevance = lrp(x, "predicted").sum(1).cpu().numpy()
-            pred = lrp.logits.argmax(1).cpu().tolist()
-        titles = [f"true {self.classes[int(y)]} / pred {self.classes[p]}" for y, p in zip(ys, pred, strict=True)]
-        images = x.cpu().numpy()
-        images = images.transpose(0, 2, 3, 1) if images.shape[1] == 3 else images[:, 0]  # colour kept
-        heatmap_grid(path, images, relevance, m[:, 0].numpy() > 0.5, titles)
