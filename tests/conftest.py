@@ -22,11 +22,28 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 SHARED_TRAININGS = ("shortcut_runs", "colour_shortcut_runs")
 
 
+# tryfirst: xdist's worker turns the marker into the test's group in its own collection hook, which would
+# otherwise run before this one (plugins registered later are called first) and miss the marker.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for name in SHARED_TRAININGS:
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(name))
+
+
+def require_xdist_groups(session: pytest.Session) -> None:
+    """Under `--dist loadgroup`, fail (rather than train each shared model once per worker and double the
+    run time unnoticed) when the worker did not apply the groups: it marks a grouped test by a `@group`
+    suffix of its node id."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if ungrouped:
+        pytest.fail(
+            f"pytest-xdist did not group {ungrouped[0]} (pytest {pytest.__version__}): "
+            "install the test extra's pytest (pip install -e '.[test]')"
+        )
 
 
 def shared_data_dir() -> Path:
@@ -51,16 +68,18 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shortcut_runs(tmp_path_factory: pytest.TempPathFactory):
+def shortcut_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """A `none` baseline and default ISNets (two seeds) trained on shortcut-biased phantoms (tests/shortcut.py)."""
     from tests.shortcut import train_shortcut_runs
 
+    require_xdist_groups(request.session)
     return train_shortcut_runs(tmp_path_factory.mktemp("shortcut"))
 
 
 @pytest.fixture(scope="session")
-def colour_shortcut_runs(tmp_path_factory: pytest.TempPathFactory):
+def colour_shortcut_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """The same experiment on colour face phantoms (face masks, red background marker; tests/shortcut.py)."""
     from tests.shortcut import train_shortcut_runs
 
+    require_xdist_groups(request.session)
     return train_shortcut_runs(tmp_path_factory.mktemp("colour-shortcut"), kind="faces")
