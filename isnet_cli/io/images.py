@@ -73,11 +73,9 @@ def scale_unsigned(arr: np.ndarray, nominal_bits: int) -> tuple[np.ndarray, dict
 
 def to_grey(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
     """(H, W, C) -> (H, W) by ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B); alpha dropped."""
-    if arr.ndim == 2:
-        return arr, None
-    arr = drop_alpha(arr)
-    if arr.shape[2] == 1:
-        return arr[..., 0], None
+    plane = grey_plane(arr)
+    if plane is not None:
+        return plane, None
     weights = np.array([0.299, 0.587, 0.114], np.float64)
     return (arr[..., :3].astype(np.float64) @ weights).astype(arr.dtype), "RGB -> grey (0.299 R + 0.587 G + 0.114 B)"
 
@@ -87,13 +85,19 @@ def drop_alpha(arr: np.ndarray) -> np.ndarray:
     return arr[..., :-1] if arr.shape[2] in (2, 4) else arr
 
 
+def grey_plane(arr: np.ndarray) -> np.ndarray | None:
+    """The (H, W) plane of a grey image ((H, W), or one channel once alpha is dropped); None for colour."""
+    if arr.ndim == 2:
+        return arr
+    arr = drop_alpha(arr)
+    return arr[..., 0] if arr.shape[2] == 1 else None
+
+
 def keep_colour(arr: np.ndarray) -> tuple[np.ndarray, str | None]:
     """(H, W, C) -> (H, W, 3) RGB (alpha dropped); grey stays (H, W): the input repeats it per channel."""
-    if arr.ndim == 2:
-        return arr, None
-    arr = drop_alpha(arr)
-    if arr.shape[2] == 1:
-        return arr[..., 0], None
+    plane = grey_plane(arr)
+    if plane is not None:
+        return plane, None
     return np.ascontiguousarray(arr[..., :3]), "RGB kept"
 
 
