@@ -278,6 +278,10 @@ def train_and_score(
         heatmaps=2,
         **{**model.options, **overrides},
     )
+    if cfg.masked and not cfg.segmenter:  # as `isnet train --variant masked` does: the bundled segmenter
+        from isnet_cli.segment.model import default_segmenter
+
+        cfg.segmenter = str(default_segmenter())
     cfg.name = f"{key}_{args.arch}_e{args.epochs}_b{bias:g}_s{seed}_{tag}_{recipe_hash(cfg)}"
     score_file = root / "scores" / f"{cfg.name}.json"
     tests = {name: sets[f"test_{name}"] for name in TESTS}
