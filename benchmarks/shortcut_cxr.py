@@ -259,6 +259,7 @@ def train_and_score(
     key: str, bias: float, seed: int, sets: dict[str, Path], root: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Train one model (unless its score exists) and return its score record."""
+    from isnet_cli.segment.auto import prepare_masks
     from isnet_cli.train import TrainConfig, train
 
     model = MODELS[key]
@@ -278,10 +279,7 @@ def train_and_score(
         heatmaps=2,
         **{**model.options, **overrides},
     )
-    if cfg.masked and not cfg.segmenter:  # as `isnet train --variant masked` does: the bundled segmenter
-        from isnet_cli.segment.model import default_segmenter
-
-        cfg.segmenter = str(default_segmenter())
+    cfg = prepare_masks(cfg)  # as `isnet train` does: --variant masked takes the bundled segmenter
     cfg.name = f"{key}_{args.arch}_e{args.epochs}_b{bias:g}_s{seed}_{tag}_{recipe_hash(cfg)}"
     score_file = root / "scores" / f"{cfg.name}.json"
     tests = {name: sets[f"test_{name}"] for name in TESTS}

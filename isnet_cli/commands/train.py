@@ -222,7 +222,7 @@ def command(ctx: click.Context, data: str | None, resume: str | None, **options:
     Example:
       isnet train data/manifest.csv --arch tinyresnet --img-size 64 --epochs 30 --name demo
     """
-    from isnet_cli.segment.auto import complete_masks
+    from isnet_cli.segment.auto import prepare_masks
     from isnet_cli.train import TrainConfig, train
 
     classes = options.pop("classes")
@@ -233,11 +233,7 @@ def command(ctx: click.Context, data: str | None, resume: str | None, **options:
     else:
         cfg = TrainConfig(data=data or "", **options)
         cfg.validate()
-        if cfg.masked and not cfg.segmenter:
-            from isnet_cli.segment.model import default_segmenter
-
-            cfg.segmenter = str(default_segmenter(cfg.out))
-        result = train(complete_masks(cfg))
+        result = train(prepare_masks(cfg))
     best = result.best or result.last or {}
     summary = ", ".join(
         f"{k} {float(best[k]):.4f}"

@@ -26,7 +26,7 @@ from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.cache import file_digest
 from isnet_cli.io.manifest import Sample, read_dataset
 from isnet_cli.segment.infer import mask_png, predict_masks
-from isnet_cli.segment.model import Segmenter, open_segmenter
+from isnet_cli.segment.model import Segmenter, default_segmenter, open_segmenter
 from isnet_cli.train.config import TrainConfig
 
 MANIFEST_COLUMNS = ("image", "mask", "label", "split")
@@ -78,6 +78,14 @@ def _complete(data: str, folder: Path, segmenter: Segmenter) -> tuple[Path, dict
     path = folder / "manifests" / f"{Path(data).stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.csv"
     atomic_write_bytes(path, text.encode())
     return path, {"generated": len(missing) - excluded, "excluded": excluded, "given": len(spec.samples) - len(missing)}
+
+
+def prepare_masks(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` ready for `train`: --variant masked without --segmenter takes the default segmenter (as
+    `isnet segment` does), and --masks auto fills in the missing masks (`complete_masks`)."""
+    if cfg.masked and not cfg.segmenter:
+        cfg = dataclasses.replace(cfg, segmenter=str(default_segmenter(cfg.out)))
+    return complete_masks(cfg)
 
 
 def complete_masks(cfg: TrainConfig) -> TrainConfig:
