@@ -10,7 +10,9 @@ and no normal image). Sources are split train / validation / test by image (by p
 has several images of one patient), so no anatomy is shared between the splits.
 
 Models (`MODELS`), each trained with the `isnet train` defaults (only architecture, size, epochs, seed
-and what defines the model given), on the same images and budget:
+and what defines the model given), on the same images and budget. `--jobs` runs train at a time, each in
+its own process with `--threads` torch threads (on 2 cores, two one-thread runs side by side get ~12%
+more done than one two-thread run), the longest first:
 
 - `ceiling`:          the standard classifier on the same images without any marker (what can be learned);
 - `standard`:         the standard classifier (`--variant none`) on the biased images;
@@ -49,8 +51,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,13 +81,14 @@ class Model:
     seeds: int = 1  # seeds at b = 1
     biases: tuple[float, ...] = BIASES
     needs: str | None = None  # the `--variant` value this row needs from `isnet train`, if not always there
+    cost: float = 1.0  # training time relative to the standard classifier's (longest runs start first)
 
 
 MODELS = {
     "standard": Model({"variant": "none"}, seeds=SEEDS),
-    "isnet": Model({"variant": "selective"}, seeds=SEEDS),
-    "isnet_stochastic": Model({"variant": "stochastic"}),
-    "rrr": Model({"variant": "none", "method": "rrr"}),
+    "isnet": Model({"variant": "selective"}, seeds=SEEDS, cost=2.2),  # LRP pass + the C1/C2 warm-up
+    "isnet_stochastic": Model({"variant": "stochastic"}, cost=2.2),
+    "rrr": Model({"variant": "none", "method": "rrr"}, cost=1.7),  # double backward
     "pipeline": Model({"variant": "masked"}, needs="masked"),
     "ceiling": Model({"variant": "none"}, clean_data=True, biases=(1.0,)),
 }
@@ -212,13 +217,16 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
             audit_set, _, _ = load_audit_set(samples, backend.classes, backend.contract, 32, fail_fast=True)
             summary, _ = run_audit(backend, audit_set, 32)
             record["background_swap_flip_rate"] = summary["flip_rate"]["background_swap"]
-    record["latency_ms"] = latency_ms(backend)
     record["parameters"] = parameters(backend)
     return record
 
 
-def latency_ms(backend: Any) -> float:
-    """Median wall time of one image through the model (batch of one, after warm-up), in ms."""
+def latency_ms(run_dir: str) -> float:
+    """Median wall time of one image through the run's best model (batch of one, CPU, after warm-up), in ms.
+    Measured by the parent process once every run has finished, so no training competes for the CPU."""
+    from isnet_cli.infer.loading import load_backend
+
+    backend = load_backend(Path(run_dir) / "best.safetensors", device="cpu")
     x = np.random.default_rng(0).random((1, backend.contract.channels, backend.contract.size, backend.contract.size))
     x = x.astype(np.float32)
     for _ in range(3):
@@ -253,6 +261,22 @@ def runs_to_do(args: argparse.Namespace, available: set[str]) -> list[tuple[str,
             seeds = args.seeds if bias == 1.0 and model.seeds > 1 else min(args.seeds, 1)
             jobs.extend((key, bias, args.seed + s) for s in range(seeds))
     return jobs
+
+
+def launch(job: tuple[str, float, int], args: argparse.Namespace) -> dict[str, Any]:
+    """Train and score one run in a child process with `--threads` torch threads (its output in OUT/logs/);
+    stops the benchmark with the log's name when the run fails."""
+    key, bias, seed = job
+    log = Path(args.out) / "logs" / f"{key}_b{bias:g}_s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with log.open("w") as fh:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", json.dumps(job)]
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        raise SystemExit(f"{key} b={bias:g} seed {seed}: exit {code}; see {log}")
+    return json.loads(log.read_text().strip().splitlines()[-1])
 
 
 def train_and_score(
@@ -443,6 +467,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tag", help="name of the --set recipe in run names (default: the options)")
     parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr", help="work folder: data, runs, scores")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="published files")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at a time (child processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one run, [model, b, seed] as JSON
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -462,18 +489,32 @@ def main() -> None:
     parts = split_groups(sources(Path(args.data)), 0)
     root = Path(args.out) / f"data_s{args.size}_c{args.contrast:g}_d{args.draws}"
     sets = datasets(parts, root, args)
+    if args.child:
+        key, bias, seed = json.loads(args.child)
+        print(json.dumps(train_and_score(key, bias, seed, sets, root, args)))
+        return
+    jobs = runs_to_do(args, set(VARIANTS))
     print(
         f"sources: {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test images "
-        f"({args.draws} of each class per source), {args.size} px, opacity contrast {args.contrast}",
+        f"({args.draws} of each class per source), {args.size} px, opacity contrast {args.contrast}; "
+        f"{len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each",
         flush=True,
     )
     records: dict[str, list[dict[str, Any]]] = {}
-    for key, bias, seed in runs_to_do(args, set(VARIANTS)):
-        record = train_and_score(key, bias, seed, sets, root, args)
-        records.setdefault(key if bias == 1.0 else f"{key}@{bias:g}", []).append(record)
-        print(
-            f"{key} b={bias:g} seed {seed}: " + ", ".join(f"{t} {record[t]['accuracy']:.3f}" for t in TESTS), flush=True
-        )
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        started = {job: pool.submit(launch, job, args) for job in sorted(jobs, key=lambda j: -MODELS[j[0]].cost)}
+        try:
+            for key, bias, seed in jobs:
+                record = started[(key, bias, seed)].result()
+                records.setdefault(key if bias == 1.0 else f"{key}@{bias:g}", []).append(record)
+                accuracies = ", ".join(f"{t} {record[t]['accuracy']:.3f}" for t in TESTS)
+                print(f"{key} b={bias:g} seed {seed}: {accuracies}", flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # the runs in flight finish; none start
+            raise
+    for runs in records.values():
+        for record in runs:
+            record["latency_ms"] = latency_ms(record["run"])
     results: dict[str, Any] = {row: summarise(rs) for row, rs in records.items()}
     results["config"] = {
         "arch": args.arch,
