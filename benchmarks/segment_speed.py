@@ -12,9 +12,10 @@ Usage: .venv/bin/python benchmarks/segment_speed.py [--segmenter models/lung-seg
    time) vs inside the pipeline (segmenter + mask + classifier, `isnet_cli.pipeline.MaskedPipeline`):
    parameters and latency (CPU, batch 1, torch), and the pipeline / ISNet ratios.
 
-Latencies are medians over repeats after a warm-up, with `--threads` CPU threads for torch and
-onnxruntime alike (1 by default: comparable on a shared machine); the end-to-end row runs `isnet segment`
-as a user gets it (onnxruntime with its default thread pool).
+Latencies are medians over repeats after a warm-up, the compared functions called in turn within each
+repeat (torch, ONNX, torch, ONNX, ...), so that a slow spell of a shared machine slows both alike; with
+`--threads` CPU threads for torch and onnxruntime alike (1 by default); the end-to-end row runs `isnet
+segment` as a user gets it (onnxruntime with its default thread pool), three interleaved runs each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,6 @@ from rich.table import Table
 from isnet_cli.backbones import build_model
 from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model
 from isnet_cli.infer.export import export_model
-from isnet_cli.infer.loading import median_seconds
 from isnet_cli.infer.onnx_runtime import INPUT_NAME, LOGITS_NAME, make_session
 from isnet_cli.pipeline import MaskedPipeline, build_unet, export_form, parameter_count
 from isnet_cli.segment.infer import segment_inputs
@@ -56,16 +57,30 @@ def radiographs(folder: Path, n: int) -> Path:
     return folder
 
 
-def segment_throughput(seg: Path, onnx_seg: Path, images: Path, work: Path) -> dict[str, float]:
-    """images/s of `segment_inputs` on every PNG of `images`, torch checkpoint vs ONNX export."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over `repeats` rounds, the functions called in turn within a round
+    (a, b, a, b, ...) after one untimed call each: a slow spell of a shared machine then slows every one
+    of them alike instead of the one whose block it fell in."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def segment_throughput(seg: Path, onnx_seg: Path, images: Path, work: Path, repeats: int) -> dict[str, float]:
+    """images/s of `segment_inputs` on every PNG of `images`, torch checkpoint vs ONNX export (interleaved)."""
     n = len(list(images.glob("*.png")))
-    rates = {}
-    for name, model in (("torch", seg), ("onnx", onnx_seg)):
-        segment_inputs([str(images)], str(model), work / f"warm-{name}", device="cpu", overwrite=True)
-        t0 = time.perf_counter()
-        segment_inputs([str(images)], str(model), work / name, device="cpu", overwrite=True)
-        rates[name] = n / (time.perf_counter() - t0)
-    return rates
+
+    def run(model: Path, name: str) -> Callable[[], object]:
+        return lambda: segment_inputs([str(images)], str(model), work / name, device="cpu", overwrite=True)
+
+    seconds = interleaved_medians({"torch": run(seg, "torch"), "onnx": run(onnx_seg, "onnx")}, repeats)
+    return {name: n / t for name, t in seconds.items()}
 
 
 def unet_latency(unet: dict, work: Path, threads: int, repeats: int) -> dict[str, float]:
@@ -86,11 +101,11 @@ def unet_latency(unet: dict, work: Path, threads: int, repeats: int) -> dict[str
             dynamo=False,
         )
     session = make_session(path, "cpu", threads=threads)
-    with torch.inference_mode():
-        t_torch = median_seconds(lambda: net(x), repeats)
     xn = x.numpy()
-    t_onnx = median_seconds(lambda: session.run([LOGITS_NAME], {INPUT_NAME: xn}), repeats)
-    return {"torch": t_torch, "onnx": t_onnx}
+    with torch.inference_mode():
+        return interleaved_medians(
+            {"torch": lambda: net(x), "onnx": lambda: session.run([LOGITS_NAME], {INPUT_NAME: xn})}, repeats
+        )
 
 
 def pipeline_vs_isnet(seg: Path, arch: str, size: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -100,14 +115,16 @@ def pipeline_vs_isnet(seg: Path, arch: str, size: int, repeats: int) -> dict[str
     pipeline = MaskedPipeline(classifier, segmenter, meta["contract"]["size"], 0.0).eval()
     x = torch.rand(1, 1, size, size)
     with torch.inference_mode():
-        isnet_s = median_seconds(lambda: classifier(x), repeats)
-        pipe_s = median_seconds(lambda: pipeline(x), repeats)
-        seg_s = median_seconds(lambda: pipeline.lung_mask(x), repeats)
-    return {
-        "isnet": {"parameters": parameter_count(classifier), "latency": isnet_s},
-        "segmenter": {"parameters": parameter_count(segmenter), "latency": seg_s},
-        "pipeline": {"parameters": parameter_count(pipeline), "latency": pipe_s},
-    }
+        seconds = interleaved_medians(
+            {
+                "isnet": lambda: classifier(x),
+                "segmenter": lambda: pipeline.lung_mask(x),
+                "pipeline": lambda: pipeline(x),
+            },
+            repeats,
+        )
+    networks = {"isnet": classifier, "segmenter": segmenter, "pipeline": pipeline}
+    return {name: {"parameters": parameter_count(net), "latency": seconds[name]} for name, net in networks.items()}
 
 
 def main() -> None:
@@ -126,7 +143,7 @@ def main() -> None:
         work = Path(tmp)
         onnx_seg = work / "seg.onnx"
         export_model(seg, onnx_seg)
-        rates = segment_throughput(seg, onnx_seg, radiographs(work / "images", args.images), work)
+        rates = segment_throughput(seg, onnx_seg, radiographs(work / "images", args.images), work, 3)
         unet = unet_latency(meta["unet"], work, args.threads, args.repeats)
     cmp = pipeline_vs_isnet(seg, args.arch, SIZE, args.repeats)
 
