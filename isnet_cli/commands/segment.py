@@ -55,12 +55,6 @@ def _option(*decls: str, **attrs: Any) -> Any:
 @_option("--resize", type=click.Choice(RESIZE_MODES))
 @opt.window_option
 @_option("--augment/--no-augment", help="Small affine + brightness jitter, the same on image and mask.")
-@_option(
-    "--opacities",
-    type=click.FloatRange(0.0, 1.0),
-    help="Share of training images given synthetic consolidations inside the lungs (mask unchanged), so "
-    "that opaque lung stays in the mask; 0 turns it off.",
-)
 @click.option(
     "--channels",
     default=",".join(map(str, _DEFAULTS.channels)),

@@ -21,7 +21,6 @@ class SegmentConfig:
     resize: str = "letterbox"
     window: str = "dicom-window"
     augment: bool = True
-    opacities: float = 0.5  # share of training images given synthetic consolidations (segment.augment)
     channels: tuple[int, ...] = (16, 32, 64, 128)
     res_units: int = 1
     batch_size: int = 8
@@ -57,7 +56,6 @@ class SegmentConfig:
             ("channels", len(self.channels) >= 2 and min(self.channels) >= 1, "two or more positive widths"),
             ("res-units", self.res_units >= 0, "0 or more"),
             ("contours", self.contours >= 0, "0 or more"),
-            ("opacities", 0.0 <= self.opacities <= 1.0, "a share in [0, 1]"),
             ("devices", self.devices >= 1, "at least 1"),
         ]  # fmt: skip
         for name, ok, expected in checks:
@@ -86,8 +84,7 @@ class SegmentConfig:
         if unknown:
             fix = f"known: {', '.join(sorted(known))}"
             raise InputError(None, f"unknown segment training option(s) {unknown}", fix)
-        before_opacities = {"opacities": 0.0}  # a run recorded before --opacities existed trained without them
-        return cls(**{**before_opacities, **data, "channels": tuple(data.get("channels", cls.channels))})
+        return cls(**{**data, "channels": tuple(data.get("channels", cls.channels))})
 
     def record(self) -> dict[str, Any]:
         """config.json: every option as run."""

@@ -1,8 +1,7 @@
 """`isnet segment train`: a MONAI U-Net trained on image + mask pairs; writes the run folder runs/<name>/.
 
 Data come through the readers and the preprocessing of `isnet train` (`isnet_cli.io`: manifests or
-images/ + masks/ folders, decoded once into the cache, the same augmentation on image and mask), plus
-synthetic consolidations inside the lungs (`--opacities`, `isnet_cli.segment.augment`). Loss:
+images/ + masks/ folders, decoded once into the cache, the same augmentation on image and mask). Loss:
 MONAI `DiceCELoss` (soft Dice + cross-entropy on the softmax of 2 classes). Validation per epoch: MONAI
 `DiceMetric` and `HausdorffDistanceMetric(percentile=95)` on the lung class of the argmax mask, in pixels
 of the model input; best.safetensors is the epoch with the highest validation Dice.
@@ -38,7 +37,6 @@ from isnet_cli.errors import InputError
 from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.io.dataset import XrayDataset, read_dataset, split_samples
 from isnet_cli.pipeline import build_unet
-from isnet_cli.segment.augment import implant_opacities
 from isnet_cli.segment.config import SegmentConfig
 from isnet_cli.segment.model import segmenter_meta
 from isnet_cli.train import ddp, run_folder
@@ -289,7 +287,6 @@ def _train_epoch(run: _Run, loader: DataLoader, loss_fn: nn.Module, advance: Any
     net.train()
     sums = torch.zeros(2, dtype=torch.float64)  # loss, batches
     for x, m, _ in loader:
-        x = implant_opacities(x, m, run.cfg.opacities)  # the global RNG: seeded, and saved for --resume
         run.opt.zero_grad(set_to_none=True)
         with autocast(device, run.cfg.amp):
             logits = net(x.to(device))
