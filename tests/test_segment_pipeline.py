@@ -182,3 +182,19 @@ def test_bundled_segmenter_is_the_default_and_flags_a_blank_frame(phantoms, tmp_
     assert "lung-segmenter.safetensors" in stdout + stderr
     qc = {Path(r["image"]).name: r for r in csv.DictReader((tmp_path / "o" / "qc.csv").open())}
     assert qc["blank.png"]["ok"] == "0" and "blank image" in qc["blank.png"]["problems"]
+
+
+def test_prepare_masks_gives_the_masked_variant_the_default_segmenter(tmp_path, monkeypatch):
+    """`isnet train --variant masked` without --segmenter takes the default segmenter ($ISNET_SEGMENTER
+    here); a named segmenter is kept, and other variants get none; the given config is not changed."""
+    from isnet_cli.segment.auto import prepare_masks
+    from isnet_cli.segment.model import BUNDLED
+    from isnet_cli.train import TrainConfig
+
+    monkeypatch.setenv("ISNET_SEGMENTER", str(BUNDLED))
+    cfg = TrainConfig(data="data.csv", variant="masked", out=str(tmp_path))
+    ready = prepare_masks(cfg)
+    assert ready.segmenter == str(BUNDLED) and cfg.segmenter is None
+    named = TrainConfig(data="data.csv", variant="masked", segmenter="runs/lungs", out=str(tmp_path))
+    assert prepare_masks(named).segmenter == "runs/lungs"
+    assert prepare_masks(TrainConfig(data="data.csv", variant="selective", out=str(tmp_path))).segmenter is None
