@@ -204,7 +204,7 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
     for name, manifest in tests.items():
         samples = read_dataset(manifest).samples
         labels = label_indices(samples, backend.classes, manifest)
-        scored = score_samples(backend, samples, labels, 32)
+        scored = score_samples(backend, samples, labels, 32, with_relevance=False)  # the audit's share below
         pred = scored.probs.argmax(1)
         auroc, auroc_ci95 = auroc_ci(scored.probs[:, 1], scored.y == 1)
         record[name] = {
@@ -379,7 +379,7 @@ RECIPE_FIELDS = (
 
 def recipe_hash(cfg: Any) -> str:
     """8 hex digits of the recipe that defines the trained model (`RECIPE_FIELDS` plus every non-default
-    option, with the background swap, warm start and ramp as resolved)."""
+    option, with the background swap, warm start and ramp as resolved, and the segmenter's weights)."""
     import dataclasses
     import hashlib
 
@@ -387,6 +387,10 @@ def recipe_hash(cfg: Any) -> str:
     recipe = cfg.recipe()
     kept = {k: v for k, v in recipe.items() if k in RECIPE_FIELDS or (k not in ("out", "cache") and v != defaults[k])}
     kept.update(background_swap=cfg.background_swap, warm_start=cfg.starts_from_warm_up, ramp=cfg.ramp_epochs)
+    if cfg.segmenter:  # the pipeline's test masks: new segmenter weights at the same path make a new recipe
+        from isnet_cli.infer.onnx_runtime import model_id
+
+        kept["segmenter_id"] = model_id(Path(cfg.segmenter))
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
