@@ -41,6 +41,9 @@ flipped accuracy and AUROC with CIs, `inside_mask_share`, `background_swap_flip_
 `lesion_inside_segmenter_mask`; plus `config`), `shortcut_cxr.md` (the table) and `shortcut_cxr.png`
 (each model's heatmaps on the same flipped test images). `--out` keeps the built data, runs and per-run
 scores (one folder per size, contrast and draws); a run whose score exists is not trained again.
+`--merge` updates the published files instead of replacing them: this invocation's rows take the place of
+theirs (unless the published row has more seeds), the rest stay, and `config.updates` records the change
+(for rows measured again after a change that touches only them, such as new segmenter weights).
 """
 
 from __future__ import annotations
@@ -447,6 +450,25 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged(published: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """`--merge`: the published results with `new`'s rows in place of theirs, except where the published row
+    has more seeds; the published config, with this invocation's command, rows and wall time in `updates`."""
+    if not published.is_file():
+        return new
+    results = json.loads(published.read_text())
+    config, update = results.pop("config"), new.pop("config")
+    replaced = []
+    for row, entry in new.items():
+        if results.get(row, {}).get("seeds", 0) > entry["seeds"]:
+            print(f"{row}: kept the published {results[row]['seeds']}-seed row", flush=True)
+            continue
+        results[row] = entry
+        replaced.append(row)
+    update = {key: update[key] for key in ("command", "wall_seconds", "machine")}
+    config.setdefault("updates", []).append({"date": time.strftime("%Y-%m-%d"), "rows": replaced, **update})
+    return {**results, "config": config}
+
+
 def figure(runs: dict[str, str], flipped: Path, out: Path) -> None:
     """Each model's LRP heatmap (predicted class) on the same flipped test images, one row per model."""
     import matplotlib
@@ -505,6 +527,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tag", help="name of the --set recipe in run names (default: the options)")
     parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr", help="work folder: data, runs, scores")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="published files")
+    parser.add_argument("--merge", action="store_true", help="update the published results, keep other rows")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at a time (child processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one run, [model, b, seed] as JSON
@@ -572,11 +595,16 @@ def main() -> None:
     }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = merged(out / "shortcut_cxr.json", results)
     (out / "shortcut_cxr.json").write_text(json.dumps(results, indent=1))
     text = table(results)
     (out / "shortcut_cxr.md").write_text(text + "\n")
     first_runs = {row: rs[0]["run"] for row, rs in records.items() if "@" not in row}
-    figure(first_runs, sets["test_flipped"], out / "shortcut_cxr.png")
+    if set(first_runs) >= {row for row in results if "@" not in row and row != "config"}:
+        figure(first_runs, sets["test_flipped"], out / "shortcut_cxr.png")
+    else:  # a --merge of some models: the figure shows every model, so it stays as published
+        print(f"{out / 'shortcut_cxr.png'}: kept (this run has the first-seed runs of {', '.join(first_runs)} only)")
     print("\n" + text)
     print(f"\nwall time {time.perf_counter() - t_start:.0f} s, {os.cpu_count()} CPUs; results in {out}")
 
