@@ -120,6 +120,42 @@ def test_masked_variant_trains_predicts_explains_and_exports_both_stages(phantom
     assert all(s["parameters"] > 0 and s["latency_ms"] > 0 for s in stages)
 
 
+def test_resuming_a_masked_run_refuses_a_changed_segmenter(phantoms, segmenter, tmp_path):
+    """The pipeline's run records its segmenter by path and id: other weights at that path stop --resume
+    with exit 2 (nothing written); the original weights put back, the run continues."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from isnet_cli.infer.onnx_runtime import model_id
+
+    seg = shutil.copytree(segmenter, tmp_path / "seg")
+    weights = seg / "best.safetensors"
+    original = weights.read_bytes()
+    runs = tmp_path / "runs"
+    code, _, stderr = isnet(
+        "train", phantoms, *TINY_TRAIN, "--variant", "masked", "--segmenter", seg, "--out", runs, "--name", "m"
+    )
+    assert code == 0, stderr
+    run = runs / "m"
+    started = model_id(weights)
+    assert json.loads((run / "config.json").read_text())["segmenter_id"] == started
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights), metadata=metadata)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    code, _, stderr = isnet("train", "--resume", run, "--epochs", 2)
+    assert code == 2
+    assert f"{weights}: this segmenter changed since run m started" in stderr
+    assert f"(id {started}, now {model_id(weights)}); put the segmenter with id {started} back" in stderr
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    weights.write_bytes(original)
+    code, _, stderr = isnet("train", "--resume", run, "--epochs", 2)
+    assert code == 0, stderr
+    assert [row["epoch"] for row in csv.DictReader((run / "metrics.csv").open())] == ["1", "2"]
+
+
 def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path):
     """`isnet export` of a segmenter run, verified on onnxruntime; `isnet segment --model seg.onnx` in a
     process where importing torch fails gives the masks of the checkpoint; --overlay draws the outlines."""

@@ -166,6 +166,8 @@ def _resolve_cut(cfg: TrainConfig, trainer: Trainer, model: nn.Module, progress:
 def _resume(run: Run, resumed: RunState) -> None:
     """Continue where the saved state stopped: optimizer, scheduler, RNG, metrics rows, best checkpoint."""
     trainer, cfg = run.trainer, run.cfg
+    if run.segmenter is not None:
+        _check_same_segmenter(run.run_dir, run.segmenter)
     resumed.restore(run.opt, run.sched, cfg.epochs, trainer.dist.rank)
     resumed.cuts = run.cuts
     run.state = resumed
@@ -174,6 +176,20 @@ def _resume(run: Run, resumed: RunState) -> None:
     run.best_row = next((r for r in run.rows if str(r["epoch"]) == str(resumed.best_epoch)), None)
     if run.main:
         console.print(f"resuming {run.run_dir} at epoch {resumed.epoch + 1}, step {resumed.step + 1}")
+
+
+def _check_same_segmenter(run_dir: Path, segmenter: dict[str, Any]) -> None:
+    """--variant masked resumed: the segmenter file must still hold the weights the run started with (a
+    run folder records it by path; other weights there would mask the rest of the training differently)."""
+    from isnet_cli.infer.checkpoint import read_meta
+
+    started = (read_meta(run_dir / "last.safetensors").get("segmenter") or {}).get("id")
+    if started is not None and started != segmenter["id"]:
+        raise InputError(
+            Path(segmenter["source"]),
+            f"this segmenter changed since run {run_dir.name} started (id {started}, now {segmenter['id']})",
+            f"put the segmenter with id {started} back at this path, or start a new run",
+        )
 
 
 def _write_config(run: Run) -> None:
@@ -190,6 +206,7 @@ def _write_config(run: Run) -> None:
         "classes": run.data.classes,
         "world_size": run.trainer.dist.world,
         "contract": run.trainer.contract.to_dict(),
+        **({"segmenter_id": run.segmenter["id"]} if run.segmenter else {}),
     }
     run_folder.write_json(run_dir / "config.json", config)
     run_folder.write_yaml(
