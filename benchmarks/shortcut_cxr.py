@@ -255,8 +255,10 @@ LESION_CORE = 0.1  # an opacity pixel: at least this much brighter than the same
 
 
 def lesion_kept(clean: Path) -> dict[str, float]:
-    """How much of each implanted opacity the bundled segmenter's mask keeps (what the pipeline's classifier
-    can still see), on the clean test set: the lesion core is where an `opacity` image is more than
+    """How much of each implanted opacity the bundled segmenter's mask keeps (about what the pipeline's
+    classifier can still see: its own stage thresholds the segmenter's output and does not close the lungs,
+    so the masks here are `isnet segment`'s without closing), on the clean test set: the lesion core is
+    where an `opacity` image is more than
     `LESION_CORE` brighter than the `normal` draw of the same source. Mean share of core pixels inside the
     segmenter's mask and inside the true mask, and the share of lesions less than half inside the segmenter's."""
     from PIL import Image
@@ -267,7 +269,7 @@ def lesion_kept(clean: Path) -> dict[str, float]:
 
     opacities = [s for s in read_dataset(clean).samples if s.label == "opacity"]
     inside_segmenter, inside_true = [], []
-    for item in predict_masks(open_segmenter(None, "cpu"), opacities):
+    for item in predict_masks(open_segmenter(None, "cpu"), opacities, closing=0.0):
         if not isinstance(item, Segmented):
             continue
         normal = np.asarray(Image.open(str(item.sample.image).replace("_opacity", "_normal")), np.float32)

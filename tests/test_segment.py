@@ -68,6 +68,7 @@ def without_masks(manifest: Path, out: Path) -> Path:
 def test_segmenter_reaches_dice_on_two_seeds(phantoms, segmenter, tmp_path):
     from isnet_cli.errors import InputError
     from isnet_cli.infer.checkpoint import load_checkpoint, read_meta
+    from isnet_cli.segment.closing import CLOSING_GRID
 
     for run in (segmenter, train_run(phantoms, tmp_path, seed=1)):
         rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -79,6 +80,8 @@ def test_segmenter_reaches_dice_on_two_seeds(phantoms, segmenter, tmp_path):
         meta = read_meta(run / "best.safetensors")
         assert meta["task"] == "segmentation" and meta["arch"] == "monai-unet"
         assert meta["contract"]["size"] == SIZE and meta["metrics"]["val_dice"] == pytest.approx(best, abs=1e-5)
+        closing = meta["postprocess"]  # chosen on the validation images after the last epoch
+        assert closing["closing"] in CLOSING_GRID and closing["validation_images"] > 0
         assert (run / "contours.png").stat().st_size > 1000
         assert json.loads((run / "config.json").read_text())["seed"] in (0, 1)
         with pytest.raises(InputError, match="segmenter"):
@@ -88,14 +91,22 @@ def test_segmenter_reaches_dice_on_two_seeds(phantoms, segmenter, tmp_path):
 def test_mask_has_the_original_geometry(segmenter, tmp_path):
     """A 48 x 40 (H x W) crop of a 48 px phantom: letterboxed to 32 px for the net, its mask comes back
     48 x 40 and overlaps the true lungs."""
+    from isnet_cli.infer.checkpoint import read_meta
     from isnet_cli.synth import make_phantom
 
     ph = make_phantom(np.random.default_rng([7, 1]), 48, 0, False, 0.22)
     image, truth = ph.image[:, 4:44], ph.mask[:, 4:44]
     Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "crop.png")
-    code, _, stderr = isnet("segment", tmp_path / "crop.png", "--model", segmenter, "--out", tmp_path / "out")
+    code, stdout, stderr = isnet("segment", tmp_path / "crop.png", "--model", segmenter, "--out", tmp_path / "out")
     assert code == 0, stderr
+    recorded = read_meta(segmenter / "best.safetensors")["postprocess"]["closing"]
+    assert f"lungs closed by {recorded:g} x the long side" in stdout + stderr
+    code, stdout, stderr = isnet(
+        "segment", tmp_path / "crop.png", "--model", segmenter, "--out", tmp_path / "open", "--closing", 0
+    )
+    assert code == 0 and "lungs closed by 0 x" in stdout + stderr, stderr
     mask = read_png_mask(tmp_path / "out" / "masks" / "crop.png")
+    assert (read_png_mask(tmp_path / "open" / "masks" / "crop.png") <= mask).all()  # closing only adds
     assert mask.shape == (48, 40)
     # measured 0.955; 0.819 when the letterbox padding is not undone (the mask then sits off by a few pixels)
     assert dice(mask, truth) > MIN_DICE
@@ -112,6 +123,71 @@ def test_clean_mask_keeps_two_largest_and_fills_holes():
     assert clean.sum() == 30 * 12 + 25 * 12
     qc = quality(clean, RADIOGRAPH)
     assert qc.ok and qc.components == 2 and qc.balance == pytest.approx(25 / 30, abs=1e-4)
+
+
+def two_lungs(size: int = 40) -> np.ndarray:
+    """Two rectangular lungs, 8 px apart."""
+    mask = np.zeros((size, size), bool)
+    mask[5:35, 4:16] = True
+    mask[5:35, 24:36] = True
+    return mask
+
+
+def bitten(mask: np.ndarray, radius: int = 3) -> np.ndarray:
+    """The left lung with a half-disk bitten out of its outer edge (an opacity the segmenter cut out)."""
+    y, x = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    return mask & ~(((y - 20) ** 2 + (x - 4) ** 2) <= radius**2)
+
+
+def test_closing_gives_a_bitten_lung_back_and_never_joins_the_lungs():
+    """Closing by a disk much wider than the bite restores the lung, and even a disk wider than the gap
+    between the lungs keeps two lungs; a disk that fits in the bite leaves it; convex lungs are left exactly
+    as they are."""
+    from isnet_cli.segment.postprocess import close_lungs
+
+    lungs = two_lungs()
+    bite = bitten(lungs)
+    assert bite.sum() < lungs.sum()
+    # r = 20 px, wider than the 8 px gap; discrete closing leaves the bite's mouth open on the column that the
+    # lung's straight edge runs along (a disk outside the lung touches it)
+    restored = lungs.copy()
+    restored[17:24, 4] = False
+    np.testing.assert_array_equal(clean_mask(bite, closing=0.5), restored)
+    np.testing.assert_array_equal(clean_mask(bite, closing=0.0), bite)
+    assert clean_mask(bite, closing=0.05).sum() < lungs.sum()  # r = 2 px fits in the 7 px wide bite
+    np.testing.assert_array_equal(close_lungs(lungs, 0.5), lungs)
+
+
+def test_closing_radius_is_chosen_by_validation_dice(tmp_path):
+    """The rule of `isnet_cli.segment.closing` on a segmenter whose lungs have a 6 px wide notch in the outer
+    edge (a disk of radius 3 px, 0.075 of the 40 px side, no longer fits in it): annotations without the
+    notch (the segmenter cut an opacity out) -> the largest radius tried; annotations with it (a true
+    concavity) -> a radius that leaves it open."""
+    from isnet_cli.io.contract import InputContract
+    from isnet_cli.io.manifest import Sample
+    from isnet_cli.segment.closing import CLOSING_GRID, CLOSING_TOLERANCE, choose_closing
+    from isnet_cli.segment.model import Segmenter
+
+    lungs = two_lungs()
+    notched = lungs.copy()
+    notched[17:23, 4:8] = False
+    contract = InputContract(size=40, window="minmax")
+    segmenter = Segmenter(
+        tmp_path / "stub.safetensors", {}, contract, "stub", lambda x: np.repeat(notched[None], len(x), 0) * 1.0
+    )
+    image = tmp_path / "image.png"
+    Image.fromarray((RADIOGRAPH * 255).astype(np.uint8)).save(image)
+    chosen = {}
+    for name, truth in (("opacity cut out", lungs), ("true concavity", notched)):
+        mask = tmp_path / f"{name}.png"
+        Image.fromarray(truth.astype(np.uint8) * 255).save(mask)
+        choice = choose_closing(segmenter, [Sample(image, mask), Sample(image, mask)])
+        assert choice.images == 2 and set(choice.dice) == set(CLOSING_GRID)
+        assert choice.dice[choice.closing] >= max(choice.dice.values()) - CLOSING_TOLERANCE
+        assert choice.record()["closing"] == choice.closing
+        chosen[name] = choice.closing
+    assert chosen["opacity cut out"] == max(CLOSING_GRID)
+    assert chosen["true concavity"] < 0.075
 
 
 def test_qc_flags_empty_one_sided_and_blank():

@@ -85,7 +85,8 @@ def train(ctx: click.Context, data: str | None, channels: str, resume: str | Non
 
     Writes runs/<name>/: best/last.safetensors (task: segmentation), metrics.csv (validation Dice and HD95
     per epoch), contours.png, config.json, last.state.pt (what --resume continues from, written after
-    every epoch: an interrupted run resumes where its last epoch ended, with the same result).
+    every epoch: an interrupted run resumes where its last epoch ended, with the same result). At the end
+    the clean-up's closing radius is chosen on the validation images and recorded in best.safetensors.
 
     \b
     Example:
@@ -132,6 +133,12 @@ def train(ctx: click.Context, data: str | None, channels: str, resume: str | Non
     type=click.Path(file_okay=False),
     help="Folder for contour overlays (the image with the mask outline: green = QC passed, red = flagged).",
 )
+@click.option(
+    "--closing",
+    type=click.FloatRange(0.0, 0.5),
+    help="Close each lung by a disk of this fraction of the image's long side (keeps opacities at the lung's "
+    "edge inside the mask); default: the radius chosen on the segmenter's validation set, recorded in it.",
+)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds segment output.")
 @opt.format_option(
     MASK_FORMATS,
@@ -148,6 +155,7 @@ def masks(
     out: str,
     qc: str,
     overlay: str | None,
+    closing: float | None,
     overwrite: bool,
     fmt: str,
     anonymize: bool,
@@ -185,6 +193,7 @@ def masks(
         fmt=fmt,
         anonymize=anonymize,
         overlay=None if overlay is None else Path(overlay),
+        closing=closing,
     )
     line = f"{result.written} masks written to {Path(out) / 'masks'}, {result.flagged} flagged by QC (qc.csv)"
     if result.manifest is not None:

@@ -4,7 +4,9 @@ Data come through the readers and the preprocessing of `isnet train` (`isnet_cli
 images/ + masks/ folders, decoded once into the cache, the same augmentation on image and mask). Loss:
 MONAI `DiceCELoss` (soft Dice + cross-entropy on the softmax of 2 classes). Validation per epoch: MONAI
 `DiceMetric` and `HausdorffDistanceMetric(percentile=95)` on the lung class of the argmax mask, in pixels
-of the model input; best.safetensors is the epoch with the highest validation Dice.
+of the model input; best.safetensors is the epoch with the highest validation Dice. After the last epoch
+the clean-up's closing radius is chosen on the validation images at their original geometry and recorded
+in best.safetensors (`isnet_cli.segment.closing`).
 
 The conventions of `isnet train`, through its pieces: the batch order depends only on (seed, epoch)
 (`EpochSampler`); after every epoch `last.state.pt` (`RunState`: weights, optimizer, scheduler, loss
@@ -37,6 +39,7 @@ from isnet_cli.errors import InputError
 from isnet_cli.infer.checkpoint import save_checkpoint
 from isnet_cli.io.dataset import XrayDataset, read_dataset, split_samples
 from isnet_cli.pipeline import build_unet
+from isnet_cli.segment.closing import describe, record_closing
 from isnet_cli.segment.config import SegmentConfig
 from isnet_cli.segment.model import segmenter_meta
 from isnet_cli.train import ddp, run_folder
@@ -246,6 +249,8 @@ def _fit(cfg: SegmentConfig, resuming: bool, info: Dist) -> SegmentResult:
             _end_epoch(run, row)
     ddp.check_agreement(info, net)
     assert run.best is not None
+    if info.main:
+        say(describe(record_closing(run_dir / "best.safetensors", val_ds.samples, str(device))))
     return SegmentResult(run_dir, run.best, run.rows[-1], net)
 
 

@@ -29,6 +29,7 @@ from isnet_cli.io.atomic import atomic_write_bytes
 from isnet_cli.io.dicom_out import RunSeries, require_dicom, write_seg
 from isnet_cli.io.manifest import MANIFEST_NAMES, Sample, is_dataset_folder
 from isnet_cli.io.preprocess import unletterbox
+from isnet_cli.segment.closing import recorded_closing
 from isnet_cli.segment.model import Segmenter
 from isnet_cli.segment.postprocess import Qc, QcLimits, clean_mask, quality
 
@@ -55,8 +56,12 @@ def predict_masks(
     batch_size: int = 8,
     fail_fast: bool = False,
     limits: QcLimits = QcLimits(),  # noqa: B008 (frozen, immutable)
+    closing: float | None = None,
 ) -> Iterator[Segmented | Failure]:
-    """Masks and failures, in input order; an unreadable input raises with `fail_fast`, else is a `Failure`."""
+    """Masks and failures, in input order; an unreadable input raises with `fail_fast`, else is a `Failure`.
+    Each lung is closed by `closing` (fraction of the long side; None: the segmenter's recorded radius)."""
+    if closing is None:
+        closing = recorded_closing(segmenter.meta)
     for batch in iter_prepared(samples, segmenter.contract, batch_size):
         good, failed = usable(batch, fail_fast)
         yield from failed
@@ -64,7 +69,7 @@ def predict_masks(
             continue
         lung = segmenter.lung(np.stack([p.x[:1] for _, p in good]))
         for (sample, prepared), prob in zip(good, lung, strict=True):
-            mask = clean_mask(unletterbox(prob, prepared.record) > 0.5)
+            mask = clean_mask(unletterbox(prob, prepared.record) > 0.5, closing)
             yield Segmented(sample, mask, quality(mask, prepared.image, limits), prepared.image)
 
 
@@ -204,6 +209,7 @@ def segment_inputs(
     fmt: str = "png",
     anonymize: bool = False,
     overlay: Path | None = None,
+    closing: float | None = None,
 ) -> SegmentSummary:
     """Segment every input into OUT/masks/, write OUT/qc.csv and, for a dataset, OUT/manifest.csv; with
     `overlay`, a contour overlay per input there (same relative name as its mask).
@@ -213,6 +219,7 @@ def segment_inputs(
     inputs are reported one line each and counted in `failed` (the caller turns that into exit 2);
     with `fail_fast` the first one raises, after everything before it was written. `fmt`: `png` masks, or
     `seg` (DICOM inputs only; `anonymize` replaces the patient and study identifiers they copy).
+    `closing`: each lung's closing radius (fraction of the long side), instead of the segmenter's own.
     """
     from isnet_cli.console import make_progress, say
     from isnet_cli.io.inputs import expand_inputs
@@ -223,7 +230,12 @@ def segment_inputs(
     if fmt == "seg":
         require_dicom([s.image for s in samples], "--format seg")  # a SEG references its image by UID
     segmenter = open_segmenter(model, device)
-    say(f"segmenter {segmenter.path} (MONAI U-Net, {segmenter.contract.size} px input, {segmenter.description})")
+    if closing is None:
+        closing = recorded_closing(segmenter.meta)
+    say(
+        f"segmenter {segmenter.path} (MONAI U-Net, {segmenter.contract.size} px input, {segmenter.description}; "
+        f"lungs closed by {closing:g} x the long side)"
+    )
     source = source_rows(inputs, samples)
     check_out_dir(out, overwrite)
     names = MaskNames(samples, ".dcm" if fmt == "seg" else ".png")
@@ -234,7 +246,7 @@ def segment_inputs(
     try:
         with make_progress(progress and len(samples) > 1) as bar:
             task = bar.add_task("segment", total=len(samples))
-            for item in predict_masks(segmenter, samples, batch_size, fail_fast):
+            for item in predict_masks(segmenter, samples, batch_size, fail_fast, closing=closing):
                 bar.advance(task)
                 if isinstance(item, Failure):
                     failed += 1

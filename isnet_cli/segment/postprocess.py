@@ -1,4 +1,13 @@
-"""Predicted lung masks: clean-up (two largest components, holes filled) and quality control.
+"""Predicted lung masks: clean-up (two largest components, holes filled, each lung closed) and quality
+control.
+
+Closing (Serra, *Image Analysis and Mathematical Morphology*, 1982): each lung L separately becomes
+(L ⊕ D_r) ⊖ D_r, D_r the disk of radius r = closing x the image's long side. It fills the lung's
+concavities narrower than the disk and leaves its convex outline alone, so an opacity at the lung's edge
+that the segmenter cut out (a dense consolidation looks like soft tissue to it) comes back inside the
+mask; the rolling-ball idea that keeps juxtapleural nodules in lung masks (Armato et al., Radiology
+1999). Lungs are closed one at a time, so the disk never bridges the mediastinum. The radius is the
+segmenter's own, chosen on its validation set (`isnet_cli.segment.closing`) and recorded in its checkpoint.
 
 QC measures, per mask at the image's original geometry (H, W), and its decoded image v in [0, 1]:
 - contrast c = std(v): a blank frame (c near 0) gives the segmenter nothing to find, whatever it outputs;
@@ -69,9 +78,28 @@ def keep_largest(mask: np.ndarray, n: int = 2) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Keep the two largest components (the lungs), then fill their holes."""
-    return ndimage.binary_fill_holes(keep_largest(mask, 2))
+def close_lungs(mask: np.ndarray, closing: float) -> np.ndarray:
+    """Each 8-connected component of a bool mask closed by a disk of radius `closing` x the long side
+    (Euclidean distance transforms: dilation = within r of the component, erosion = more than r from the
+    outside of the dilation); the union with the input, so no lung pixel is lost."""
+    radius = closing * max(mask.shape)
+    if radius < 1.0:
+        return mask.astype(bool)
+    labels, count = ndimage.label(mask, structure=_EIGHT)
+    pad = int(np.ceil(radius)) + 1  # room for the dilation beyond the image border
+    out = mask.astype(bool)
+    for label in range(1, count + 1):
+        lung = np.pad(labels == label, pad)
+        dilated = ndimage.distance_transform_edt(~lung) <= radius
+        closed = ndimage.distance_transform_edt(dilated) > radius
+        out |= closed[pad:-pad, pad:-pad]
+    return out
+
+
+def clean_mask(mask: np.ndarray, closing: float = 0.0) -> np.ndarray:
+    """Keep the two largest components (the lungs), close each by `closing` (a fraction of the long side),
+    fill their holes."""
+    return ndimage.binary_fill_holes(close_lungs(keep_largest(mask, 2), closing))
 
 
 def quality(mask: np.ndarray, image: np.ndarray, limits: QcLimits = QcLimits()) -> Qc:

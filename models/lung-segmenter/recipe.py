@@ -11,9 +11,11 @@ validation (best epoch), the rest training. Each image of these sets is a differ
 sets do not say which patient is whose; Shenzhen and Montgomery have one image per patient.
 
 Steps: `split` writes train/val/test.csv into --work (absolute image paths; the shared data are never
-copied); `train` runs `isnet segment train`; `test` measures Dice and HD95 on the held-out split (MONAI
-metrics, at the model input and at each image's original geometry after the clean-up of `isnet
-segment`) into test.json; `install` copies the weights and metadata into models/lung-segmenter/.
+copied); `train` runs `isnet segment train` (which ends by choosing the clean-up's closing radius on the
+validation split); `closing` chooses it again for weights trained before that existed; `test` measures
+Dice and HD95 on the held-out split (MONAI metrics, at the model input and at each image's original
+geometry after the clean-up of `isnet segment`) into test.json; `install` copies the weights and metadata
+into models/lung-segmenter/.
 """
 
 from __future__ import annotations
@@ -123,6 +125,16 @@ def test(work: Path) -> dict:
     return result
 
 
+def closing(work: Path) -> None:
+    """Choose the clean-up's closing radius on the validation split and record it in best.safetensors (what
+    `isnet segment train` does after its last epoch; for weights trained before it did)."""
+    from isnet_cli.io.manifest import read_manifest
+    from isnet_cli.segment.closing import describe, record_closing
+
+    best = work / "runs" / "lung-segmenter" / "best.safetensors"
+    print(describe(record_closing(best, read_manifest(work / "val.csv", require_labels=False))))
+
+
 def install(work: Path) -> None:
     """Copy best.safetensors (weights + metadata), config.json, metrics.csv, test.json here (not contours.png:
     it shows radiographs whose licences forbid redistribution)."""
@@ -137,12 +149,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared real sets")
     parser.add_argument("--work", type=Path, required=True, help="folder for the split, the run and test.json")
-    parser.add_argument("--step", choices=["all", "split", "train", "test", "install"], default="all")
+    parser.add_argument("--step", choices=["all", "split", "train", "closing", "test", "install"], default="all")
     args, extra = parser.parse_known_args()
     if args.step in ("all", "split"):
         split(args.data.resolve(), args.work)
     if args.step in ("all", "train"):
-        train(args.work, extra)
+        train(args.work, extra)  # chooses and records the closing radius too
+    if args.step == "closing":
+        closing(args.work)
     if args.step in ("all", "test"):
         test(args.work)
     if args.step in ("all", "install"):
