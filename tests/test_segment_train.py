@@ -92,7 +92,10 @@ def test_bad_resume_exits_2_with_one_line(tmp_path: Path, where: str) -> None:
 
 
 def test_devices_2_spawns_two_processes(phantoms: Path, tmp_path: Path) -> None:
-    """`--devices 2` on CPU: two gloo processes, one run folder written by rank 0, a resumable state."""
+    """`--devices 2` on CPU: two gloo processes, one run folder written by rank 0, a resumable state, and the
+    closing radius chosen by rank 0 alone (with MONAI's `DiceMetric` it waited for rank 1: a deadlock)."""
+    from isnet_cli.infer.checkpoint import read_meta
+
     result = fit.train_segmenter(SegmentConfig(data=str(phantoms), epochs=1, devices=2, out=str(tmp_path), **TINY))
     assert result.run_dir == tmp_path / "run-001"
     assert result.model is None and result.last["epoch"] == 1
@@ -100,6 +103,7 @@ def test_devices_2_spawns_two_processes(phantoms: Path, tmp_path: Path) -> None:
     assert {"best.safetensors", "last.safetensors", "last.state.pt", "config.json"} <= {
         p.name for p in result.run_dir.iterdir()
     }
+    assert read_meta(result.run_dir / "best.safetensors")["postprocess"]["validation_images"] > 0
 
 
 def test_export_form_is_the_same_unet_without_prelu_and_transposed_convolutions(tmp_path: Path) -> None:

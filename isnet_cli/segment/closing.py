@@ -3,10 +3,10 @@
 Closing each lung (`postprocess.close_lungs`) keeps an opacity at the lung's edge inside the mask, but a
 large disk also fills the lung's true concavities (the cardiac notch) and the Dice against the annotated
 outlines falls. The rule: every radius of `CLOSING_GRID` (fractions of the image's long side) is scored
-by the mean Dice at each validation image's original geometry (MONAI `DiceMetric`, what `isnet segment`
-writes), and the largest radius whose Dice is within `CLOSING_TOLERANCE` of the best is taken: as much
-lesion kept as the outlines allow. A segmenter without the record (trained before it existed) closes
-nothing.
+by the mean Dice at each validation image's original geometry (MONAI `compute_dice`, on the masks that
+`isnet segment` writes), and the largest radius whose Dice is within `CLOSING_TOLERANCE` of the best is
+taken: as much lesion kept as the outlines allow. A segmenter without the record (trained before it
+existed) closes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from scipy import ndimage
 
 from isnet_cli.io.manifest import Sample
@@ -51,27 +52,32 @@ class ClosingChoice:
 
 
 def choose_closing(segmenter: Any, samples: list[Sample]) -> ClosingChoice:
-    """Score every radius of `CLOSING_GRID` on `samples` (images with masks) with `segmenter`; the rule above."""
+    """Score every radius of `CLOSING_GRID` on `samples` (images with masks) with `segmenter`; the rule above.
+
+    MONAI's functional `compute_dice`, not `DiceMetric`: the metric object gathers its buffer over the
+    ranks of a process group, and under `--devices N` only rank 0 runs this.
+    """
     import torch
-    from monai.metrics import DiceMetric
+    from monai.metrics import compute_dice
 
     from isnet_cli.segment.infer import Segmented, predict_masks
 
-    metrics = {closing: DiceMetric(include_background=False) for closing in CLOSING_GRID}
-    images = 0
+    scores: dict[float, list[float]] = {closing: [] for closing in CLOSING_GRID}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
         for item in predict_masks(segmenter, samples, closing=0.0):
             if not isinstance(item, Segmented) or item.sample.mask is None:
                 continue
             true = torch.from_numpy(load_mask(item.sample.mask, item.mask.shape) > 0.5)[None, None].float()
-            for closing, metric in metrics.items():
+            for closing, values in scores.items():
                 closed = ndimage.binary_fill_holes(close_lungs(item.mask, closing))
-                metric(torch.from_numpy(closed)[None, None].float(), true)
-            images += 1
+                values.append(float(compute_dice(torch.from_numpy(closed)[None, None].float(), true).item()))
+    images = len(scores[0.0])
     if images == 0:
         return ClosingChoice(0.0, {}, 0)
-    dice = {closing: float(metric.aggregate()) for closing, metric in metrics.items()}
+    if all(np.isnan(scores[0.0])):  # every true mask empty: nothing to score a lung outline against
+        return ClosingChoice(0.0, {}, images)
+    dice = {closing: float(np.nanmean(values)) for closing, values in scores.items()}  # NaN: an empty true mask
     best = max(dice.values())
     chosen = max(closing for closing, value in dice.items() if value >= best - CLOSING_TOLERANCE)
     return ClosingChoice(chosen, dice, images)
@@ -92,7 +98,7 @@ def record_closing(checkpoint: Path, samples: list[Sample], device: str = "cpu")
 def describe(choice: ClosingChoice) -> str:
     """One line for the terminal."""
     if not choice.dice:
-        return "clean-up: no validation image could be segmented; no closing"
+        return "clean-up: no validation image with a lung mask could be segmented; no closing"
     return (
         f"clean-up: each lung closed by a disk of {choice.closing:g} x the long side "
         f"(validation Dice {choice.dice[choice.closing]:.4f}; without closing {choice.dice[0.0]:.4f}; "
