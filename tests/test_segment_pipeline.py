@@ -165,6 +165,7 @@ def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path
     import numpy as np
     from PIL import Image
 
+    from isnet_cli.infer.checkpoint import read_meta
     from tests.test_predict import NO_TORCH
     from tests.test_segment import four_phantoms
     from tests.tiny_models import REPO
@@ -174,6 +175,7 @@ def test_exported_segmenter_segments_without_torch(phantoms, segmenter, tmp_path
     assert code == 0, stderr
     meta = json.loads(stdout)
     assert meta["task"] == "segmentation" and meta["export"]["verified"]["max_abs_diff"] <= 1e-4
+    assert meta["postprocess"] == read_meta(segmenter / "best.safetensors")["postprocess"]  # the same closing
     code, _, stderr = isnet("export", "--model", segmenter, "--out", tmp_path / "h.onnx", "--with-heatmap")
     assert code == 2 and "segmenter" in stderr
     manifest = four_phantoms(phantoms, tmp_path)
