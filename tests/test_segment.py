@@ -156,6 +156,13 @@ def test_closing_gives_a_bitten_lung_back_and_never_joins_the_lungs():
     np.testing.assert_array_equal(clean_mask(bite, closing=0.0), bite)
     assert clean_mask(bite, closing=0.05).sum() < lungs.sum()  # r = 2 px fits in the 7 px wide bite
     np.testing.assert_array_equal(close_lungs(lungs, 0.5), lungs)
+    # a radiograph-sized mask (1200 px) is closed at 512 px: the same bite given back, nothing added outside
+    block = np.ones((30, 30), bool)
+    big_lungs, big_bite = np.kron(lungs, block), np.kron(bite, block)
+    big = clean_mask(big_bite, closing=0.5)
+    assert not (big & ~big_lungs).any()
+    still_open = (lungs & ~restored).sum() * block.size  # the mouth column, at full size
+    assert big.sum() > big_bite.sum() and (big_lungs & ~big).sum() <= 1.2 * still_open
 
 
 def test_closing_radius_is_chosen_by_validation_dice(tmp_path):

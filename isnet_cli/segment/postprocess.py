@@ -78,22 +78,45 @@ def keep_largest(mask: np.ndarray, n: int = 2) -> np.ndarray:
     return np.isin(labels, keep)
 
 
+# Closing works on masks of at most this long side: the disk is a tenth of the image, so a 3000 px
+# radiograph's mask closed at full size costs seconds (distance transforms) and gains nothing.
+CLOSING_WORK_SIZE = 512
+
+
 def close_lungs(mask: np.ndarray, closing: float) -> np.ndarray:
-    """Each 8-connected component of a bool mask closed by a disk of radius `closing` x the long side
-    (Euclidean distance transforms: dilation = within r of the component, erosion = more than r from the
-    outside of the dilation); the union with the input, so no lung pixel is lost."""
-    radius = closing * max(mask.shape)
-    if radius < 1.0:
-        return mask.astype(bool)
+    """Each 8-connected component of a bool mask closed by a disk of radius `closing` x the long side, and
+    united with the input, so no lung pixel is lost. A mask longer than `CLOSING_WORK_SIZE` is closed at
+    that size (nearest neighbour) and the pixels the closing adds are taken back to full size."""
+    mask = mask.astype(bool)
+    long_side = max(mask.shape)
+    if closing * long_side < 1.0:
+        return mask
+    if long_side <= CLOSING_WORK_SIZE:
+        return mask | _close_components(mask, closing * long_side)
+    small_shape = tuple(max(1, round(n * CLOSING_WORK_SIZE / long_side)) for n in mask.shape)
+    small = _nearest(mask, small_shape)
+    added = _close_components(small, closing * CLOSING_WORK_SIZE) & ~small
+    return mask | _nearest(added, mask.shape)
+
+
+def _close_components(mask: np.ndarray, radius: float) -> np.ndarray:
+    """The union of each component's closing by a disk of `radius` pixels (Euclidean distance transforms:
+    dilation = within r of the component, erosion = more than r from the outside of the dilation)."""
     labels, count = ndimage.label(mask, structure=_EIGHT)
     pad = int(np.ceil(radius)) + 1  # room for the dilation beyond the image border
-    out = mask.astype(bool)
+    out = np.zeros_like(mask)
     for label in range(1, count + 1):
         lung = np.pad(labels == label, pad)
         dilated = ndimage.distance_transform_edt(~lung) <= radius
-        closed = ndimage.distance_transform_edt(dilated) > radius
-        out |= closed[pad:-pad, pad:-pad]
+        out |= (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad]
     return out
+
+
+def _nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`mask` resampled to `shape` by nearest neighbour (pixel centres)."""
+    rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int)
+    cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int)
+    return mask[np.ix_(rows, cols)]
 
 
 def clean_mask(mask: np.ndarray, closing: float = 0.0) -> np.ndarray:
