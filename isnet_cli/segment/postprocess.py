@@ -102,13 +102,14 @@ def close_lungs(mask: np.ndarray, closing: float) -> np.ndarray:
 def _close_components(mask: np.ndarray, radius: float) -> np.ndarray:
     """The union of each component's closing by a disk of `radius` pixels (Euclidean distance transforms:
     dilation = within r of the component, erosion = more than r from the outside of the dilation)."""
-    labels, count = ndimage.label(mask, structure=_EIGHT)
-    pad = int(np.ceil(radius)) + 1  # room for the dilation beyond the image border
+    labels, _ = ndimage.label(mask, structure=_EIGHT)
+    pad = int(np.ceil(radius)) + 1  # room for the dilation around the component
     out = np.zeros_like(mask)
-    for label in range(1, count + 1):
-        lung = np.pad(labels == label, pad)
+    # a closing stays inside the component's convex hull, so its bounding box (padded) is all it needs
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        lung = np.pad(labels[box] == label, pad)
         dilated = ndimage.distance_transform_edt(~lung) <= radius
-        out |= (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad]
+        out[box] |= (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad]
     return out
 
 
