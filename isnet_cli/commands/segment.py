@@ -1,5 +1,5 @@
-"""`isnet segment`: lung masks for radiographs (`isnet segment INPUT...`) and training the segmenter
-(`isnet segment train DATA`)."""
+"""`isnet segment`: lung masks for radiographs (`isnet segment INPUT...`), training the segmenter
+(`isnet segment train DATA`) and combining trained ones (`isnet segment ensemble MODEL...`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class _DefaultToMasks(click.Group):
 
 @click.group("segment", cls=_DefaultToMasks)
 def command() -> None:
-    """Lung masks: segment radiographs with a trained segmenter, or train one (MONAI U-Net).
+    """Lung masks: segment radiographs with a trained segmenter, train one (MONAI U-Net), or combine several.
 
     `isnet segment INPUT...` is short for `isnet segment masks INPUT...`.
 
@@ -109,6 +109,35 @@ def train(ctx: click.Context, data: str | None, channels: str, resume: str | Non
         f"run folder: {result.run_dir}  (best: epoch {result.best['epoch']}, "
         f"dice {result.best['val_dice']:.4f}, hd95 {result.best['val_hd95']:.2f} px)"
     )
+
+
+@command.command("ensemble")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="The ensemble's .safetensors file.")
+@click.option("--val", help="Validation images with masks (manifest or folder) to choose the closing radius on.")
+@opt.device_option
+def ensemble(models: tuple[str, ...], out: str, val: str | None, device: str) -> None:
+    """Combine trained segmenters (checkpoints or run folders) into one that averages their lung probabilities.
+
+    Members may have different input sizes if each divides the largest (e.g. 128 and 256 px); everything
+    else in their input contracts must agree. The result is a segmenter checkpoint like any other
+    (`isnet segment --model`, `isnet export`, `isnet train --segmenter`). With --val the clean-up's closing
+    radius is chosen again on those images (the members' radii do not carry over); without it, none.
+
+    \b
+    Example:
+      isnet segment ensemble runs/lungs-128 runs/lungs-256 --val data/lungs/val.csv --out lungs.safetensors
+    """
+    from isnet_cli.console import say
+    from isnet_cli.segment.closing import describe
+    from isnet_cli.segment.ensemble import combine_segmenters
+
+    result = combine_segmenters(list(models), Path(out), val, device)
+    say(f"{result.path}: ensemble of {len(models)} segmenters, input {result.size} px")
+    if result.closing is None:
+        say("clean-up: no closing (pass --val to choose its radius)")
+    else:
+        say(describe(result.closing))
 
 
 @command.command("masks")

@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
 
     from isnet_cli.backbones import build_model
     from isnet_cli.io.contract import InputContract
-    from isnet_cli.pipeline import MaskedPipeline, build_unet
+    from isnet_cli.pipeline import MaskedPipeline, build_segmenter
 
     meta = read_meta(path)
     if checkpoint_task(meta) == TASK_SEGMENTATION:
@@ -117,7 +117,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     segmenter = meta.get("segmenter")
     if segmenter:
         air = InputContract.from_dict(meta["contract"]).low
-        model = MaskedPipeline(model, build_unet(segmenter["unet"]), segmenter["contract"]["size"], air)
+        model = MaskedPipeline(model, build_segmenter(segmenter), segmenter["contract"]["size"], air)
     try:
         model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except RuntimeError as exc:
@@ -126,22 +126,26 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
 
 
 def load_segmenter_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A segmenter checkpoint (`task: segmentation`) -> (MONAI U-Net in eval mode on `device`, metadata).
+    """A segmenter checkpoint (`task: segmentation`) -> (MONAI U-Net, or ensemble of them, in eval mode on
+    `device`, metadata).
     Built from the JSON metadata and plain tensors: loading never executes code from the file."""
     from safetensors.torch import load_file
 
-    from isnet_cli.pipeline import build_unet
+    from isnet_cli.pipeline import build_segmenter
 
     meta = read_meta(path)
     if checkpoint_task(meta) != TASK_SEGMENTATION:
         raise InputError(
             path, "not a segmenter (a classifier checkpoint)", "pass a run folder written by `isnet segment train`"
         )
-    net = build_unet(meta["unet"], out_channels=int(meta.get("num_classes", 2)))
+    try:
+        net = build_segmenter(meta, out_channels=int(meta.get("num_classes", 2)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"its metadata does not describe a segmenter network ({exc!r})") from exc
     try:
         net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except RuntimeError as exc:
-        raise InputError(path, f"weights do not match the recorded U-Net ({exc})") from exc
+        raise InputError(path, f"weights do not match the recorded segmenter ({exc})") from exc
     return net.to(device).eval(), meta
 
 

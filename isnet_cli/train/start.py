@@ -119,7 +119,7 @@ def _pipeline(cfg: TrainConfig, model: nn.Module, trainer: Trainer) -> tuple[nn.
     from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model
     from isnet_cli.infer.onnx_runtime import model_id
     from isnet_cli.io.contract import InputContract
-    from isnet_cli.pipeline import MaskedPipeline, parameter_count
+    from isnet_cli.pipeline import MaskedPipeline, parameter_count, segmenter_arch
 
     if not cfg.segmenter:
         raise InputError(None, "--variant masked needs a segmenter", "pass --segmenter RUN")
@@ -138,7 +138,7 @@ def _pipeline(cfg: TrainConfig, model: nn.Module, trainer: Trainer) -> tuple[nn.
     record = {
         "source": str(path.resolve()),
         "id": model_id(path),
-        "unet": meta["unet"],
+        **segmenter_arch(meta),
         "contract": meta["contract"],
         "parameters": parameter_count(net),
         "metrics": meta.get("metrics"),
