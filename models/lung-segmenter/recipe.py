@@ -1,4 +1,4 @@
-"""Recipe of the bundled lung segmenter (models/lung-segmenter/): split, train, test, install.
+"""Recipe of the bundled lung segmenter (models/lung-segmenter/): split, train, ensemble, test, install.
 
     python models/lung-segmenter/recipe.py --data ../shared/data --work /tmp/lung-seg          # all steps
     python models/lung-segmenter/recipe.py --data ../shared/data --work /tmp/lung-seg --step test
@@ -10,12 +10,14 @@ Split per source, seeded: 20% held out for the test (never seen in training or c
 validation (best epoch), the rest training. Each image of these sets is a different radiograph and the
 sets do not say which patient is whose; Shenzhen and Montgomery have one image per patient.
 
+The segmenter is an ensemble of two U-Nets of the same widths, one at 128 px and one at 256 px (`MEMBERS`).
+
 Steps: `split` writes train/val/test.csv into --work (absolute image paths; the shared data are never
-copied); `train` runs `isnet segment train` (which ends by choosing the clean-up's closing radius on the
-validation split); `closing` chooses it again for weights trained before that existed; `test` measures
-Dice and HD95 on the held-out split (MONAI metrics, at the model input and at each image's original
-geometry after the clean-up of `isnet segment`) into test.json; `install` copies the weights and metadata
-into models/lung-segmenter/.
+copied); `train` runs `isnet segment train` for each member into WORK/runs/<member>; `ensemble` combines
+them with `isnet segment ensemble` into WORK/lung-segmenter.safetensors, choosing the clean-up's closing
+radius on the validation split; `test` measures Dice and HD95 on the held-out split (MONAI metrics, at each
+image's original geometry after the clean-up of `isnet segment`) into test.json; `install` copies the
+ensemble, the members' config.json and metrics.csv and test.json into models/lung-segmenter/.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ HERE = Path(__file__).resolve().parent
 SETS = ("ieee8023_gb100", "tb_shenzhen_montgomery72")
 TEST_FRACTION, VAL_FRACTION, SEED = 0.2, 0.1, 0
 TRAIN_OPTIONS = [
-    "--img-size", "128", "--channels", "16,32,64,128,256", "--res-units", "1", "--batch-size", "8",
-    "--epochs", "120", "--lr", "0.002", "--seed", "0", "--device", "cpu",
+    "--channels", "16,32,64,128,256", "--res-units", "1", "--batch-size", "8", "--lr", "0.002", "--seed", "0",
+    "--device", "cpu",
 ]  # fmt: skip
+MEMBERS = {  # run name: its own options
+    "lung-segmenter-128": ["--img-size", "128", "--epochs", "120"],
+    "lung-segmenter-256": ["--img-size", "256", "--epochs", "200"],
+}
+ENSEMBLE = "lung-segmenter.safetensors"
 
 
 def split(data: Path, work: Path) -> None:
@@ -71,16 +78,24 @@ def split(data: Path, work: Path) -> None:
 
 
 def train(work: Path, extra: list[str]) -> None:
-    """`isnet segment train` on the split into WORK/runs/lung-segmenter."""
-    cmd = [sys.executable, "-m", "isnet_cli", "segment", "train", str(work / "train.csv")]
-    cmd += ["--val", str(work / "val.csv"), *TRAIN_OPTIONS, "--out", str(work / "runs")]
-    cmd += ["--name", "lung-segmenter", "--no-progress", *extra]
+    """`isnet segment train` of each member on the split into WORK/runs/<member>."""
+    for name, options in MEMBERS.items():
+        cmd = [sys.executable, "-m", "isnet_cli", "segment", "train", str(work / "train.csv")]
+        cmd += ["--val", str(work / "val.csv"), *TRAIN_OPTIONS, *options, "--out", str(work / "runs")]
+        cmd += ["--name", name, "--no-progress", *extra]
+        subprocess.run(cmd, check=True)
+
+
+def ensemble(work: Path) -> None:
+    """`isnet segment ensemble` of the members into WORK/lung-segmenter.safetensors, closing chosen on val."""
+    cmd = [sys.executable, "-m", "isnet_cli", "segment", "ensemble", *(str(work / "runs" / m) for m in MEMBERS)]
+    cmd += ["--val", str(work / "val.csv"), "--out", str(work / ENSEMBLE)]
     subprocess.run(cmd, check=True)
 
 
 def test(work: Path) -> dict:
-    """Held-out Dice and HD95 of best.safetensors: at the model input (pixels of the 128 px input) and at
-    each image's original geometry after clean-up (pixels of the shared PNGs, long side <= 512)."""
+    """Held-out Dice and HD95 of the ensemble at each image's original geometry after the clean-up (pixels
+    of the shared PNGs, long side <= 512), overall and per source."""
     import warnings
 
     import numpy as np
@@ -92,7 +107,7 @@ def test(work: Path) -> dict:
     from isnet_cli.segment.infer import Segmented, predict_masks
     from isnet_cli.segment.model import open_segmenter
 
-    segmenter = open_segmenter(work / "runs" / "lung-segmenter" / "best.safetensors", "cpu")
+    segmenter = open_segmenter(work / ENSEMBLE, "cpu")
     meta, contract = segmenter.meta, segmenter.contract
     samples = read_manifest(work / "test.csv", require_labels=False)
     dice, hd95 = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
@@ -117,31 +132,24 @@ def test(work: Path) -> dict:
         "hd95_original_px": float(hd95.aggregate()),
         "dice_by_source": {k: round(float(np.mean(v)), 4) for k, v in per_source.items()},
         "qc_flagged": flagged,
+        "closing": meta.get("postprocess"),
         "model_input_px": contract.size,
-        "best_epoch_val": meta["metrics"],
+        "members_best_epoch_val": {m["source"]: m["metrics"] for m in meta["ensemble"]},
     }
     (work / "test.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
 
 
-def closing(work: Path) -> None:
-    """Choose the clean-up's closing radius on the validation split and record it in best.safetensors (what
-    `isnet segment train` does after its last epoch; for weights trained before it did)."""
-    from isnet_cli.io.manifest import read_manifest
-    from isnet_cli.segment.closing import describe, record_closing
-
-    best = work / "runs" / "lung-segmenter" / "best.safetensors"
-    print(describe(record_closing(best, read_manifest(work / "val.csv", require_labels=False))))
-
-
 def install(work: Path) -> None:
-    """Copy best.safetensors (weights + metadata), config.json, metrics.csv, test.json here (not contours.png:
-    it shows radiographs whose licences forbid redistribution)."""
-    run = work / "runs" / "lung-segmenter"
-    shutil.copy(run / "best.safetensors", HERE / "lung-segmenter.safetensors")
-    for name in ("config.json", "metrics.csv"):
-        shutil.copy(run / name, HERE / name)
+    """Copy the ensemble (weights + metadata), each member's config.json and metrics.csv (as <file>-<size>)
+    and test.json here (not contours.png: it shows radiographs whose licences forbid redistribution)."""
+    shutil.copy(work / ENSEMBLE, HERE / ENSEMBLE)
+    for name in MEMBERS:
+        size = name.rsplit("-", 1)[1]
+        for file in ("config.json", "metrics.csv"):
+            stem, suffix = file.split(".")
+            shutil.copy(work / "runs" / name / file, HERE / f"{stem}-{size}.{suffix}")
     shutil.copy(work / "test.json", HERE / "test.json")
 
 
@@ -149,14 +157,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared real sets")
     parser.add_argument("--work", type=Path, required=True, help="folder for the split, the run and test.json")
-    parser.add_argument("--step", choices=["all", "split", "train", "closing", "test", "install"], default="all")
+    parser.add_argument("--step", choices=["all", "split", "train", "ensemble", "test", "install"], default="all")
     args, extra = parser.parse_known_args()
     if args.step in ("all", "split"):
         split(args.data.resolve(), args.work)
     if args.step in ("all", "train"):
-        train(args.work, extra)  # chooses and records the closing radius too
-    if args.step == "closing":
-        closing(args.work)
+        train(args.work, extra)
+    if args.step in ("all", "ensemble"):
+        ensemble(args.work)
     if args.step in ("all", "test"):
         test(args.work)
     if args.step in ("all", "install"):
