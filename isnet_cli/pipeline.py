@@ -66,9 +66,10 @@ class SegmenterEnsemble(nn.Module):
     The input is at the largest member's size S. A member trained at a smaller size s (S a multiple of s)
     sees the input averaged over (S/s) x (S/s) blocks, which is its own letterbox at s to within resampling
     (both letterboxes keep the aspect and pad alike), and its probabilities are resized back to S
-    (bilinear). Averaging models of different input sizes pairs coarse, smooth outlines with fine ones:
-    the ensemble's error is lower than either's (Lakshminarayanan et al. 2017, "Simple and scalable
-    predictive uncertainty estimation using deep ensembles").
+    (bilinear). Averaging independently trained networks usually scores better than its members
+    (Lakshminarayanan et al. 2017, "Simple and scalable predictive uncertainty estimation using deep
+    ensembles"); a coarse and a fine input size err in different places (the bundled lung segmenter:
+    held-out Dice 0.951 against 0.944 and 0.949 for its 128 px and 256 px members).
     """
 
     def __init__(self, members: list[nn.Module], input_sizes: list[int], size: int) -> None:

@@ -76,6 +76,7 @@ def test_ensemble_is_the_mean_of_its_members(members, ensemble, held_out):
     small, _ = load_segmenter_checkpoint(members[0] / "best.safetensors")
     large, _ = load_segmenter_checkpoint(members[1] / "best.safetensors")
     assert [m["input_size"] for m in meta["ensemble"]] == [SMALL, LARGE]
+    assert [m["source"] for m in meta["ensemble"]] == [f"m{SMALL}/best.safetensors", f"m{LARGE}/best.safetensors"]
     assert meta["contract"]["size"] == LARGE and "closing" in meta["postprocess"]
     x = torch.rand(3, 1, LARGE, LARGE)
     with torch.no_grad():

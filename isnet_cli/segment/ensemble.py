@@ -39,6 +39,12 @@ def _member_contract(path: Path, meta: dict[str, Any]) -> InputContract:
     return InputContract.from_dict(meta["contract"])
 
 
+def _member_name(path: Path) -> str:
+    """A member's name in the metadata: its run folder and file (`lungs-128/best.safetensors`), not the
+    absolute path of the machine it was combined on."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def combine_segmenters(members: list[str], out: Path, val: str | None = None, device: str = "cpu") -> EnsembleResult:
     """Write the ensemble of the segmenter checkpoints (or run folders) `members` to `out`; with `val` (images
     with masks) choose and record its closing radius on them."""
@@ -81,7 +87,13 @@ def combine_segmenters(members: list[str], out: Path, val: str | None = None, de
         "classes": CLASSES,
         "in_channels": 1,
         "ensemble": [
-            {"unet": m["unet"], "input_size": c.size, "source": p.name, "id": model_id(p), "metrics": m.get("metrics")}
+            {
+                "unet": m["unet"],
+                "input_size": c.size,
+                "source": _member_name(p),
+                "id": model_id(p),
+                "metrics": m.get("metrics"),
+            }
             for p, (_, m), c in zip(paths, loaded, contracts, strict=True)
         ],
         "contract": reference,
