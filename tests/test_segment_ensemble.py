@@ -14,6 +14,8 @@ import pytest
 from tests.test_segment import MIN_DICE, dice, read_png_mask
 from tests.tiny_models import isnet
 
+# one xdist worker for the module: its fixtures train two segmenters, once per run rather than per worker
+pytestmark = pytest.mark.xdist_group("segment_ensemble")
 SMALL, LARGE = 32, 64
 MEMBER_ARGS = ("--epochs", 10, "--batch-size", 4, "--channels", "8,16,32", "--lr", 0.01, "--device", "cpu")
 
