@@ -173,3 +173,12 @@ def test_bad_combinations_exit_2_and_write_nothing(members, ensemble, tmp_path):
     code, _, stderr = isnet("segment", "ensemble", members[0], target, "--out", target)
     assert code == 2 and "is one of the members" in stderr
     assert target.read_bytes() == before
+
+
+def test_info_shows_the_members_and_the_clean_up(ensemble):
+    """`isnet info ENSEMBLE`: each member's input size and source, and the recorded closing radius."""
+    code, stdout, stderr = isnet("info", ensemble)
+    assert code == 0, stderr
+    assert "ensemble members" in stdout and "Segmenter clean-up" in stdout
+    for row in (f"0.input_size │ {SMALL}", f"1.input_size │ {LARGE}", f"1.source │ m{LARGE}/best.safetensors"):
+        assert row in " ".join(stdout.split()), row

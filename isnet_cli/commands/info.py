@@ -13,6 +13,9 @@ SECTIONS = (
     ("Training data", "data"),
     ("ISNet hyper-parameters", "isnet"),
     ("Segmenter (--variant masked)", "segmenter"),
+    ("Segmenter network: U-Net", "unet"),
+    ("Segmenter network: ensemble members", "ensemble"),
+    ("Segmenter clean-up", "postprocess"),
     ("Metrics", "metrics"),
     ("Export", "export"),
     ("Versions", "versions"),
@@ -34,11 +37,14 @@ def model_card(path: Path) -> dict[str, Any]:
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested dicts as dotted keys; lists and scalars as compact JSON."""
+    """Nested dicts (and lists of dicts, by index) as dotted keys; other lists and scalars as compact JSON."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        value = {str(i): v for i, v in enumerate(value)}
     if isinstance(value, dict):
         rows: list[tuple[str, str]] = []
         for key, sub in value.items():
-            rows.extend(_flatten(sub, f"{prefix}{key}." if isinstance(sub, dict) else f"{prefix}{key}"))
+            nested = isinstance(sub, dict) or (isinstance(sub, list) and sub and all(isinstance(v, dict) for v in sub))
+            rows.extend(_flatten(sub, f"{prefix}{key}." if nested else f"{prefix}{key}"))
         return rows
     text = value if isinstance(value, str) else json.dumps(value)
     return [(prefix.rstrip("."), text)]
