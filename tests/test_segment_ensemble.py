@@ -103,8 +103,11 @@ def test_ensemble_segments_and_exports(members, ensemble, held_out, tmp_path):
     verified and segments (onnxruntime) like the checkpoint."""
     from isnet_cli.io.masks import load_mask
 
-    code, _, stderr = isnet("segment", held_out, "--model", ensemble, "--out", tmp_path / "torch", "--device", "cpu")
+    code, stdout, stderr = isnet(
+        "segment", held_out, "--model", ensemble, "--out", tmp_path / "torch", "--device", "cpu"
+    )
     assert code == 0, stderr
+    assert "ensemble of 2 MONAI U-Nets" in stdout + stderr
     rows = list(csv.DictReader((tmp_path / "torch" / "manifest.csv").open()))
     truth = {Path(r["image"]).name: r["mask"] for r in csv.DictReader(held_out.open())}
     scores = []

@@ -232,8 +232,10 @@ def segment_inputs(
     segmenter = open_segmenter(model, device)
     if closing is None:
         closing = recorded_closing(segmenter.meta)
+    members = segmenter.meta.get("ensemble")
+    network = f"ensemble of {len(members)} MONAI U-Nets" if members else "MONAI U-Net"
     say(
-        f"segmenter {segmenter.path} (MONAI U-Net, {segmenter.contract.size} px input, {segmenter.description}; "
+        f"segmenter {segmenter.path} ({network}, {segmenter.contract.size} px input, {segmenter.description}; "
         f"lungs closed by {closing:g} x the long side)"
     )
     source = source_rows(inputs, samples)
