@@ -120,6 +120,37 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last.safetensors"))
 
 
+def test_curves_are_drawn_at_most_every_plot_interval_and_after_the_last_epoch(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epochs of a second: curves.png and diagnostics.png are drawn after the first epoch, then not again
+    within the interval except after the last epoch or an interruption; with no interval, after every
+    epoch. The per-epoch heatmap figures are all written."""
+    from isnet_cli.train import epoch, run_folder
+
+    drawn: list[int] = []
+    plot_curves = run_folder.plot_curves
+
+    def counting(path: Path, rows: list) -> None:
+        drawn.append(len(rows))
+        plot_curves(path, rows)
+
+    monkeypatch.setattr(run_folder, "plot_curves", counting)
+    cfg = dict(TINY, data=str(tiny_data), variant="none", epochs=3, out=str(tmp_path), cache=str(tmp_path / "c"))
+    run = train(TrainConfig(name="slow-plots", **cfg)).run_dir
+    assert drawn == [1, 3]
+    assert (run / "curves.png").is_file() and (run / "diagnostics.png").is_file()
+    assert sorted(p.name for p in (run / "heatmaps").iterdir()) == [f"epoch_{i}.png" for i in (1, 2, 3)]
+    drawn.clear()
+    with pytest.raises(TrainingInterrupted):
+        train(TrainConfig(name="stopped", **cfg), on_step=lambda e, s: (e, s) == (1, 1))
+    assert drawn == [1, 1]  # after epoch 1, and at the interruption in epoch 2 (its rows: epoch 1's)
+    drawn.clear()
+    monkeypatch.setattr(epoch, "PLOT_EVERY_SECONDS", 0.0)
+    train(TrainConfig(name="every-epoch", **cfg))
+    assert drawn == [1, 2, 3]
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
     # stochastic: the explained logit is drawn from the global RNG, so the RNG state must be restored too
     cfg = dict(

@@ -20,6 +20,11 @@ from isnet_cli.train.start import Run
 from isnet_cli.train.state import rng_state
 from isnet_cli.train.stop import TrainingInterrupted
 
+# curves.png and diagnostics.png are drawn after the first epoch, then at most this often, and always after
+# the last epoch or an interruption: drawing them takes about 1.4 s, as long as a whole epoch of a small run
+# (the test suite's trainings spent much of their time drawing). Long epochs still redraw after every epoch.
+PLOT_EVERY_SECONDS = 30.0
+
 
 def one_epoch(run: Run, epoch: int, progress: Any) -> None:
     """Train one epoch, validate, select, save; a Ctrl-C ends the run after saving."""
@@ -34,7 +39,7 @@ def one_epoch(run: Run, epoch: int, progress: Any) -> None:
     improved = _select(run, row)
     run.rows.append(row)
     run.health = run.assess()
-    _save_epoch(run, epoch, row, improved)
+    _save_epoch(run, epoch, row, improved, final=stopped or epoch + 1 == run.cfg.epochs)
     if stopped and epoch + 1 < run.cfg.epochs:
         raise TrainingInterrupted(
             f"interrupted after epoch {epoch + 1}: saved {run.run_dir / 'last.safetensors'}; "
@@ -98,14 +103,23 @@ def _save_interrupted(run: Run, epoch: int, step: int) -> None:
     _save_state(run, epoch, step)
     if run.main:
         run_folder.write_metrics(run.run_dir / STEPS_FILE, run.trainer.step_rows, run_folder.STEP_COLUMNS)
+        _plot(run)
     raise TrainingInterrupted(
         f"interrupted at epoch {epoch + 1}, step {step}: saved {last}; "
         f"continue with: isnet train --resume {run.run_dir}"
     )
 
 
-def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> None:
-    """End-of-epoch writes (rank 0): checkpoints, resume state, metrics, figures, model card, one line."""
+def _plot(run: Run) -> None:
+    """curves.png (per epoch) and diagnostics.png (per step) from the rows so far (rank 0)."""
+    run_folder.plot_curves(run.run_dir / "curves.png", run.rows)
+    run_folder.plot_steps(run.run_dir / "diagnostics.png", run.trainer.step_rows)
+    run.plotted_at = time.monotonic()
+
+
+def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool, final: bool) -> None:
+    """End-of-epoch writes (rank 0): checkpoints, resume state, metrics, figures (the curves at most every
+    `PLOT_EVERY_SECONDS`, and when the run ends), model card, one line."""
     if run.main:
         save_checkpoint(run.run_dir / "last.safetensors", run.saved_model, run.meta(row))
         if improved:
@@ -116,8 +130,8 @@ def _save_epoch(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> No
     run_dir, trainer = run.run_dir, run.trainer
     run_folder.write_metrics(run_dir / "metrics.csv", run.rows)
     run_folder.write_metrics(run_dir / STEPS_FILE, trainer.step_rows, run_folder.STEP_COLUMNS)
-    run_folder.plot_curves(run_dir / "curves.png", run.rows)
-    run_folder.plot_steps(run_dir / "diagnostics.png", trainer.step_rows)
+    if final or time.monotonic() - run.plotted_at >= PLOT_EVERY_SECONDS:
+        _plot(run)
     validation.heatmap_figure(trainer, run.model, run.objective.lrp, run_dir / "heatmaps" / f"epoch_{epoch + 1}.png")
     card = model_card(
         dataclasses.asdict(run.cfg), run.meta(run.best_row or row), run.best_row, run_dir, run.health.message

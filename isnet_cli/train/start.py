@@ -5,6 +5,7 @@ loop's steps (`isnet_cli.train.epoch`) share."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best_row: dict[str, Any] | None = None
     health: Health = field(default_factory=lambda: Health("ok", ""))
+    plotted_at: float = -math.inf  # time.monotonic() of the last curves.png / diagnostics.png
     # --variant masked: the segmenter-then-classifier module saved in the checkpoints, and its record
     pipeline: nn.Module | None = None
     segmenter: dict[str, Any] | None = None
