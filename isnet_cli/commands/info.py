@@ -36,14 +36,19 @@ def model_card(path: Path) -> dict[str, Any]:
     return {"file": str(path), "sha256": file_digest(path), "size_bytes": path.stat().st_size, **meta}
 
 
+def _is_records(value: Any) -> bool:
+    """A non-empty list of dicts (the members of a segmenter ensemble)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts (and lists of dicts, by index) as dotted keys; other lists and scalars as compact JSON."""
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+    if _is_records(value):
         value = {str(i): v for i, v in enumerate(value)}
     if isinstance(value, dict):
         rows: list[tuple[str, str]] = []
         for key, sub in value.items():
-            nested = isinstance(sub, dict) or (isinstance(sub, list) and sub and all(isinstance(v, dict) for v in sub))
+            nested = isinstance(sub, dict) or _is_records(sub)
             rows.extend(_flatten(sub, f"{prefix}{key}." if nested else f"{prefix}{key}"))
         return rows
     text = value if isinstance(value, str) else json.dumps(value)

@@ -86,11 +86,12 @@ def choose_closing(segmenter: Any, samples: list[Sample]) -> ClosingChoice:
 def record_closing(checkpoint: Path, samples: list[Sample], device: str = "cpu") -> ClosingChoice:
     """Choose the closing of the segmenter `checkpoint` on `samples` and write it into its metadata
     (the weights are rewritten unchanged, atomically)."""
+    from isnet_cli.device import resolve_device
     from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, save_checkpoint
-    from isnet_cli.segment.model import open_segmenter
+    from isnet_cli.segment.model import torch_segmenter
 
-    choice = choose_closing(open_segmenter(checkpoint, device), samples)
-    net, meta = load_segmenter_checkpoint(checkpoint, "cpu")
+    net, meta = load_segmenter_checkpoint(checkpoint, resolve_device(device))
+    choice = choose_closing(torch_segmenter(net, meta, checkpoint), samples)
     save_checkpoint(checkpoint, net, {**meta, RECORD_KEY: choice.record()})
     return choice
 

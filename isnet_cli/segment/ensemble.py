@@ -18,8 +18,8 @@ from typing import Any
 
 from isnet_cli.errors import InputError
 from isnet_cli.io.contract import InputContract
-from isnet_cli.segment.closing import ClosingChoice, record_closing
-from isnet_cli.segment.model import CLASSES, TASK
+from isnet_cli.segment.closing import RECORD_KEY, ClosingChoice, choose_closing
+from isnet_cli.segment.model import CLASSES, TASK, torch_segmenter
 
 ARCH = "monai-unet-ensemble"
 
@@ -48,6 +48,7 @@ def _member_name(path: Path) -> str:
 def combine_segmenters(members: list[str], out: Path, val: str | None = None, device: str = "cpu") -> EnsembleResult:
     """Write the ensemble of the segmenter checkpoints (or run folders) `members` to `out`; with `val` (images
     with masks) choose and record its closing radius on them."""
+    from isnet_cli.device import resolve_device
     from isnet_cli.infer.checkpoint import load_segmenter_checkpoint, resolve_model, save_checkpoint
     from isnet_cli.infer.onnx_runtime import model_id
     from isnet_cli.io.dataset import read_dataset
@@ -102,6 +103,10 @@ def combine_segmenters(members: list[str], out: Path, val: str | None = None, de
     samples = read_dataset(val, require_labels=False).samples if val else []
     if val and not any(s.mask is not None for s in samples):
         raise InputError(val, "has no masks to choose the closing radius on", "pass validation images with masks")
+    choice = None
+    if samples:  # chosen on the ensemble in memory, then saved once with the record
+        choice = choose_closing(torch_segmenter(ensemble.to(resolve_device(device)).eval(), meta, out), samples)
+        meta[RECORD_KEY] = choice.record()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, ensemble, meta)
-    return EnsembleResult(out, size, record_closing(out, samples, device) if samples else None)
+    return EnsembleResult(out, size, choice)

@@ -89,12 +89,20 @@ def open_segmenter(model: str | Path | None, device: str = "auto") -> Segmenter:
     path = default_segmenter() if model is None else resolve_model(model)
     if path.suffix.lower() == ".onnx":
         return _onnx_segmenter(path, device)
-    import torch
 
     from isnet_cli.device import resolve_device
 
     torch_device = resolve_device(device)
     net, meta = load_segmenter_checkpoint(path, torch_device)
+    return torch_segmenter(net, meta, path)
+
+
+def torch_segmenter(net: nn.Module, meta: dict[str, Any], path: Path) -> Segmenter:
+    """A segmenter network already in memory (eval mode, on its device), with its metadata, as a `Segmenter`
+    (`path`: the file it was or will be saved to)."""
+    import torch
+
+    torch_device = next(net.parameters()).device
 
     def lung(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
