@@ -111,6 +111,10 @@ def test_run_folder_has_everything_and_config_yaml_reproduces_the_options(shortc
     assert Path(ctx.params["data"]) == Path(config["data"]).resolve()
     baseline_meta = read_meta(shortcut_runs.baseline / "best.safetensors")
     assert baseline_meta["isnet"]["variant"] == "none" and baseline_meta["isnet"]["P"] == 0.0
+    # without a heatmap loss the whole gradient is the CE's: no split into a CE and a heatmap part is logged
+    baseline_steps = read_metrics(shortcut_runs.baseline / "steps.csv")
+    assert all(float(s["grad_norm"]) > 0 for s in baseline_steps)
+    assert not any(s["grad_ce"] or s["grad_heat"] for s in baseline_steps)
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -268,8 +268,10 @@ class Trainer:
         )
 
     def _ce_gradients(self, model: nn.Module, out: Any, wanted: bool) -> list[torch.Tensor | None] | None:
-        """∂CE/∂θ alone (before the full backward), for the per-term gradient norms of steps.csv."""
-        if not wanted or self.dist.world > 1 or self.cfg.method != "isnet" or not out.ce.requires_grad:
+        """∂CE/∂θ alone (before the full backward), for the per-term gradient norms of steps.csv. Only for a
+        loss with a heatmap term: without one the whole gradient is the CE's, and splitting it by P would
+        report a heatmap part that does not exist (and cost an extra backward every tenth step)."""
+        if not wanted or self.dist.world > 1 or not self.settings.uses_lrp_loss or not out.ce.requires_grad:
             return None
         params = [p for p in model.parameters() if p.requires_grad]
         return list(torch.autograd.grad(out.ce, params, retain_graph=True, allow_unused=True))
