@@ -71,3 +71,29 @@ def test_audit_tells_shortcut_from_isnet(shortcut_runs, tmp_path):
     # phantoms both fall to chance there, so those flip rates do not separate the two models.)
     drop = {k: v["accuracy"]["original"] - v["accuracy"]["lungs_hidden"] for k, v in results.items()}
     assert drop["isnet"] >= drop["baseline"] + 0.3, drop
+
+
+def test_a_subset_of_counterfactuals_gives_the_same_rates_as_the_full_audit(tmp_path_factory) -> None:
+    from isnet_cli.infer.loading import load_backend
+    from isnet_cli.io.manifest import read_dataset
+    from tests.tiny_models import shared_tiny_run
+
+    run = shared_tiny_run(tmp_path_factory)
+    backend = load_backend(run.checkpoint, device="cpu")
+    samples = read_dataset(run.manifest).samples
+    audit_set, _, _ = audit.load_audit_set(samples, backend.classes, backend.contract, 8, fail_fast=True)
+    full, _ = audit.run_audit(backend, audit_set, 8)
+    only_swap, rows = audit.run_audit(backend, audit_set, 8, perturbations=("background_swap",))
+    assert set(only_swap["flip_rate"]) == {"background_swap"} and "background_mean" not in rows[0]
+    assert only_swap["flip_rate"]["background_swap"] == full["flip_rate"]["background_swap"]
+    assert only_swap["inside_mask_share"] == full["inside_mask_share"]
+    assert only_swap["verdict"] == full["verdict"]
+    assert list(full["accuracy"]) == [
+        "original",
+        "background_removed",
+        "background_blur",
+        "background_swap",
+        "lungs_hidden",
+    ]
+    with pytest.raises(ValueError, match="background_swap"):
+        audit.run_audit(backend, audit_set, 8, perturbations=("background_blur",))

@@ -14,6 +14,7 @@ worst offenders is `isnet_cli.report.audit_sheet`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,16 @@ def run_audit(
     audit_set: AuditSet,
     batch_size: int = 16,
     on_step: Any = None,
+    perturbations: Sequence[str] = PERTURBATIONS,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Summary and per-image rows of the audit. `on_step(name)` is called after each stage."""
+    """Summary and per-image rows of the audit. `on_step(name)` is called after each stage.
+
+    `perturbations`: the counterfactuals to run (default all; the background swap is always among them,
+    the verdict needs it), for callers that need only some of the flip rates.
+    """
+    unknown = set(perturbations) - set(PERTURBATIONS)
+    if unknown or "background_swap" not in perturbations:
+        raise ValueError(f"perturbations {sorted(perturbations)}: a subset of {PERTURBATIONS} with background_swap")
     step = on_step or (lambda _: None)
     x, m, labels = audit_set.x, audit_set.masks, audit_set.labels
     sigma = max(1.0, x.shape[-1] * BLUR_SIGMA_FRACTION)
@@ -94,7 +103,7 @@ def run_audit(
     known = labels >= 0
     partners = swap_partners(np.where(known, labels, pred0) if known.all() else pred0)
     results: dict[str, dict[str, Any]] = {}
-    for kind in PERTURBATIONS:
+    for kind in perturbations:
         results[kind] = _counterfactual(backend, kind, audit_set, partners, fills, sigma, batch_size, probs0)
         step(kind)
     contract = getattr(backend, "contract", None)
@@ -182,8 +191,7 @@ def _summary(
         "mean_abs_prob_change": {k: _rate(v["dp"]) for k, v in results.items()},
         "accuracy": {
             "original": accuracy(probs0),
-            "background_removed": accuracy(results["background_mean"]["probs"]),
-            **{f"{k}": accuracy(v["probs"]) for k, v in results.items() if k != "background_mean"},
+            **{"background_removed" if k == "background_mean" else k: accuracy(v["probs"]) for k, v in results.items()},
         }
         if known.any()
         else None,
