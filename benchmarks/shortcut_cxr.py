@@ -30,7 +30,7 @@ median) and the parameter count. Three seeds for `standard` and `isnet` at b = 1
 for the others and for b = 0.9.
 
     python benchmarks/shortcut_cxr.py                  # everything (ResNet-18, 128 px, CPU; < 2 h on 2 cores)
-    python benchmarks/shortcut_cxr.py --quick          # one seed, b = 1 only, 5 epochs (< 30 min)
+    python benchmarks/shortcut_cxr.py --quick          # one seed, b = 1 only, 5 epochs: a preview
     python benchmarks/shortcut_cxr.py --models ceiling # calibrate the lesion: the ceiling should reach 0.85
     python benchmarks/shortcut_cxr.py --models isnet --set ramp=0 --tag noramp   # try an `isnet train` option
     python benchmarks/shortcut_cxr.py --arch densenet121 --size 224 --set device=cuda   # the paper's setting
@@ -75,8 +75,8 @@ BIASES = (1.0, 0.9)
 SEEDS = 3  # for the models marked `seeds=SEEDS`, at b = 1
 EPOCHS = 10
 # --quick: one seed, b = 1, and half the epochs (ramp and cosine schedule scaled with the run, as `isnet
-# train` does for any run length), so the six trainings fit 30 minutes on 2 cores (6 epochs took 36 min on
-# a slow day); the published results are the full run's.
+# train` does for any run length): a preview, 34 min on a slow evening of the 2-core machine against 38-49
+# min at 10 epochs (docs/benchmarks.md); its ceiling is under-trained. The published results are the full run's.
 QUICK_EPOCHS = 5
 LATENCY_RUNS = 30
 FIGURE_IMAGES = 4
@@ -540,7 +540,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--biases", default=",".join(f"{b:g}" for b in BIASES), help="marker-label correlations")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of the multi-seed models at b = 1")
     parser.add_argument("--seed", type=int, default=0, help="first training seed (the data split is fixed)")
-    parser.add_argument("--quick", action="store_true", help=f"one seed, b = 1 only, {QUICK_EPOCHS} epochs (< 30 min)")
+    parser.add_argument("--quick", action="store_true", help=f"one seed, b = 1 only, {QUICK_EPOCHS} epochs: a preview")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="`isnet train` option")
     parser.add_argument("--tag", help="name of the --set recipe in run names (default: the options)")
     parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr", help="work folder: data, runs, scores")
