@@ -35,10 +35,11 @@ for the others and for b = 0.9.
     python benchmarks/shortcut_cxr.py --models isnet --set ramp=0 --tag noramp   # try an `isnet train` option
     python benchmarks/shortcut_cxr.py --arch densenet121 --size 224 --set device=cuda   # the paper's setting
 
-Writes `--results` (default `benchmarks/results/`): `shortcut_cxr.json` (per model: clean / biased /
-flipped accuracy and AUROC with CIs, `inside_mask_share`, `background_swap_flip_rate`, `latency_ms`,
-`parameters`; for the pipeline also how much of each implanted opacity its segmenter's mask keeps,
-`lesion_inside_segmenter_mask`; plus `config`), `shortcut_cxr.md` (the table) and `shortcut_cxr.png`
+Writes `--results` (default `benchmarks/results/`, `OUT/results-quick` with `--quick`):
+`shortcut_cxr.json` (per model: clean / biased / flipped accuracy and AUROC with CIs, `inside_mask_share`,
+`background_swap_flip_rate`, `latency_ms`, `parameters`; for the pipeline also how much of each implanted
+opacity its segmenter's mask keeps, `lesion_inside_segmenter_mask`; plus `config`), `shortcut_cxr.md` (the
+table) and `shortcut_cxr.png`
 (each model's heatmaps on the same flipped test images). `--out` keeps the built data, runs and per-run
 scores (one folder per size, contrast and draws); a run whose score exists is not trained again.
 `--merge` updates the published files instead of replacing them: this invocation's rows take the place of
