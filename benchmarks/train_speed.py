@@ -4,8 +4,8 @@
     python benchmarks/train_speed.py --arch resnet18 --steps 5 --device cuda
 
 A step is the production step of `isnet_cli.objective.objective.Objective`: forward (through the LRP engine for ISNet
-variants), loss, backward, gradient clipping and an AdamW update. Variants are timed side by side,
-interleaved round-robin, and the median step time is reported, so machine load hits all of them alike.
+variants), loss, backward, gradient clipping and an AdamW update (fused, as in training). Variants are timed side by
+side, interleaved round-robin, and the median step time is reported, so machine load hits all of them alike.
 
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` during the steps. On CPU (Linux), each variant
 runs in its own subprocess, which resets its peak-RSS mark (`/proc/self/clear_refs`), runs two steps and
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from isnet_cli.backbones import build_model
+from isnet_cli.device import fused_optimizer
 from isnet_cli.objective.objective import Objective
 from isnet_cli.train.config import TrainConfig
 
@@ -54,7 +55,7 @@ def make_step(arch: str, variant: str, classes: int, size: int, batch: int, devi
     model = build_model(arch, classes).to(device).train()
     cfg = TrainConfig(arch=arch, variant=variant, img_size=size, batch_size=batch, device=str(device))
     objective = Objective(cfg.objective_settings(), model, device, (1.0, 25.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_optimizer(device))
     x = torch.rand(batch, 1, size, size, device=device)
     mask = torch.zeros(batch, 1, size, size, device=device)
     mask[:, :, size // 5 : -size // 5, size // 6 : -size // 6] = 1

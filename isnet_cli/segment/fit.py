@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from isnet_cli.console import make_progress, progress_enabled, say
-from isnet_cli.device import autocast, grad_scaler, resolve_device
+from isnet_cli.device import autocast, fused_optimizer, grad_scaler, resolve_device
 from isnet_cli.distributed import Dist, process_group
 from isnet_cli.errors import InputError
 from isnet_cli.infer.checkpoint import save_checkpoint
@@ -226,7 +226,7 @@ def _fit(cfg: SegmentConfig, resuming: bool, info: Dist) -> SegmentResult:
         run_dir, resumed = Path(ddp.gather(info, str(named))[0]), None
     net = build_unet(cfg.unet()).to(device)
     ddp.broadcast_weights(info, net)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_optimizer(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     scaler = grad_scaler(device, cfg.amp)
     run = _Run(cfg, info, device, run_dir, net, opt, sched, scaler, val_ds, summary, [], None, None)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from isnet_cli.console import console, progress_enabled
-from isnet_cli.device import resolve_device
+from isnet_cli.device import fused_optimizer, resolve_device
 from isnet_cli.distributed import Dist
 from isnet_cli.objective.loss import heatmap_loss
 from isnet_cli.objective.objective import Objective, hidden_map, lds_layers, make_lrp
@@ -134,12 +134,13 @@ class Trainer:
         """The configured optimizer over the trainable parameters, and the cosine schedule (or None)."""
         cfg = self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
+        fused = fused_optimizer(self.device)
         if cfg.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
             )
         else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.scheduler == "cosine" else None
         return opt, sched
 
