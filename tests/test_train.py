@@ -186,6 +186,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data: Path,
         train(TrainConfig(), resume=run, on_step=on_step)
     state = torch.load(run / "last.state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)
+    # the optimizer runs torch's fused AdamW kernel on CPU, and a resumed run keeps it
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True]
     resumed = train(TrainConfig(), resume=run / "last.safetensors")
     assert resumed.cut == straight.cut
     a, b = _weights(straight.run_dir), _weights(run)
