@@ -46,5 +46,6 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 def fused_optimizer(device: torch.device) -> bool:
     """Whether torch's fused Adam/AdamW/SGD kernels run on `device` (CPU and CUDA): one pass over all the
     parameters instead of a loop of small ops per tensor. On one CPU thread an AdamW step of ResNet-18
-    takes 10 ms fused and 74 ms looped, a tenth of an ISNet training step at 64 px."""
+    takes 10 ms fused and 74 ms looped: the saving is about 15% of a plain training step at 64 px
+    (batch 16) and 6% of an ISNet step."""
     return device.type in ("cpu", "cuda")
