@@ -30,7 +30,7 @@ median) and the parameter count. Three seeds for `standard` and `isnet` at b = 1
 for the others and for b = 0.9.
 
     python benchmarks/shortcut_cxr.py                  # everything (ResNet-18, 128 px, CPU; < 2 h on 2 cores)
-    python benchmarks/shortcut_cxr.py --quick          # one seed, b = 1 only, 5 epochs: a preview
+    python benchmarks/shortcut_cxr.py --quick          # one seed, b = 1 only, 5 epochs, 96 px: a preview
     python benchmarks/shortcut_cxr.py --models ceiling # calibrate the lesion: the ceiling should reach 0.85
     python benchmarks/shortcut_cxr.py --models isnet --set ramp=0 --tag noramp   # try an `isnet train` option
     python benchmarks/shortcut_cxr.py --arch densenet121 --size 224 --set device=cuda   # the paper's setting
@@ -74,11 +74,15 @@ SPLIT = {"train": 0.6, "val": 0.1, "test": 0.3}
 TESTS = ("clean", "biased", "flipped")
 BIASES = (1.0, 0.9)
 SEEDS = 3  # for the models marked `seeds=SEEDS`, at b = 1
+SIZE = 128
 EPOCHS = 10
-# --quick: one seed, b = 1, and half the epochs (ramp and cosine schedule scaled with the run, as `isnet
-# train` does for any run length): a preview, 34 min on a slow evening of the 2-core machine against 38-49
-# min at 10 epochs (docs/benchmarks.md); its ceiling is under-trained. The published results are the full run's.
+# --quick: one seed, b = 1, half the epochs (ramp and cosine schedule scaled with the run, as `isnet train`
+# does for any run length) and 96 px (an ISNet step costs 0.57x, a plain one 0.66x of 128 px's; the opacity and
+# the marker scale with the image): a preview that fits 30 min on the 2-core machine's slow evenings, where 5
+# epochs at 128 px took 34 min (docs/benchmarks.md). Its ceiling is under-trained; the published results are
+# the full run's.
 QUICK_EPOCHS = 5
+QUICK_SIZE = 96
 LATENCY_RUNS = 30
 FIGURE_IMAGES = 4
 
@@ -217,29 +221,50 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
     from isnet_cli.io.dataset import read_dataset
     from isnet_cli.report.audit import load_audit_set, run_audit
     from isnet_cli.report.evaluate import label_indices, score_samples
-    from isnet_cli.report.metrics import auroc_ci, bootstrap_summary_ci
 
     backend = load_backend(run_dir / "best.safetensors", device="cpu")
     record: dict[str, Any] = {}
     for name, manifest in tests.items():
         samples = read_dataset(manifest).samples
         labels = label_indices(samples, backend.classes, manifest)
-        scored = score_samples(backend, samples, labels, 32, with_relevance=False)  # the audit's share below
-        pred = scored.probs.argmax(1)
-        auroc, auroc_ci95 = auroc_ci(scored.probs[:, 1], scored.y == 1)
-        record[name] = {
-            "accuracy": float((pred == scored.y).mean()),
-            "accuracy_ci95": bootstrap_summary_ci(scored.y, pred, len(backend.classes))["accuracy"],
-            "auroc": auroc,
-            "auroc_ci95": auroc_ci95,
-        }
         if name == "flipped":  # the audit's share is `isnet evaluate`'s: |R| of the predicted class
             audit_set, _, _ = load_audit_set(samples, backend.classes, backend.contract, 32, fail_fast=True)
-            summary, _ = run_audit(backend, audit_set, 32, perturbations=("background_swap",))
+            summary, rows = run_audit(backend, audit_set, 32, perturbations=("background_swap",))
+            y, positive = _audited_predictions(rows, backend.classes, len(samples), manifest)
+            record[name] = accuracy_and_auroc(y, positive, len(backend.classes))
             record["inside_mask_share"] = (summary["inside_mask_share"] or {}).get("mean")
             record["background_swap_flip_rate"] = summary["flip_rate"]["background_swap"]
+        else:
+            scored = score_samples(backend, samples, labels, 32, with_relevance=False)  # the share: the audit's
+            record[name] = accuracy_and_auroc(scored.y, scored.probs[:, 1], len(backend.classes))
     record["parameters"] = parameters(backend)
     return record
+
+
+def _audited_predictions(
+    rows: list[dict[str, Any]], classes: list[str], expected: int, manifest: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and P(second class) of every image from the audit's rows (its forward pass of the originals), so
+    the flipped set is not forwarded a second time; two classes, so p_predicted determines both."""
+    if len(rows) != expected or len(classes) != 2:
+        raise SystemExit(f"{manifest}: the audit kept {len(rows)} of {expected} images; every test image needs a mask")
+    y = np.array([classes.index(r["label"]) for r in rows])
+    positive = np.array([r["p_predicted"] if r["predicted"] == classes[1] else 1.0 - r["p_predicted"] for r in rows])
+    return y, positive
+
+
+def accuracy_and_auroc(y: np.ndarray, positive: np.ndarray, classes: int) -> dict[str, Any]:
+    """Accuracy (bootstrap 95% CI) and AUROC (DeLong 95% CI) of P(second class) against the labels."""
+    from isnet_cli.report.metrics import auroc_ci, bootstrap_summary_ci
+
+    pred = (positive > 0.5).astype(int)
+    auroc, auroc_ci95 = auroc_ci(positive, y == 1)
+    return {
+        "accuracy": float((pred == y).mean()),
+        "accuracy_ci95": bootstrap_summary_ci(y, pred, classes)["accuracy"],
+        "auroc": auroc,
+        "auroc_ci95": auroc_ci95,
+    }
 
 
 def latency_ms(run_dir: str) -> float:
@@ -532,7 +557,7 @@ def figure(runs: dict[str, str], flipped: Path, out: Path) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, help=f"image size, px (default {SIZE}, {QUICK_SIZE} with --quick)")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS}, {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--contrast", type=float, default=0.4, help="peak of the implanted opacity, [0, 1] units")
@@ -541,7 +566,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--biases", default=",".join(f"{b:g}" for b in BIASES), help="marker-label correlations")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of the multi-seed models at b = 1")
     parser.add_argument("--seed", type=int, default=0, help="first training seed (the data split is fixed)")
-    parser.add_argument("--quick", action="store_true", help=f"one seed, b = 1 only, {QUICK_EPOCHS} epochs: a preview")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"one seed, b = 1 only, {QUICK_EPOCHS} epochs, {QUICK_SIZE} px: a preview"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="`isnet train` option")
     parser.add_argument("--tag", help="name of the --set recipe in run names (default: the options)")
     parser.add_argument("--out", default="/tmp/isnet-shortcut-cxr", help="work folder: data, runs, scores")
@@ -562,6 +589,8 @@ def parse_args() -> argparse.Namespace:
         args.seeds, args.biases = 1, [1.0]
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else EPOCHS
+    if args.size is None:
+        args.size = QUICK_SIZE if args.quick else SIZE
     if args.results is None:  # a quick run is a preview: it never replaces the published results
         args.results = str(Path(args.out) / "results-quick" if args.quick else REPO / "benchmarks" / "results")
     return args
