@@ -226,7 +226,6 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for name, manifest in tests.items():
         samples = read_dataset(manifest).samples
-        labels = label_indices(samples, backend.classes, manifest)
         if name == "flipped":  # the audit's share is `isnet evaluate`'s: |R| of the predicted class
             audit_set, _, _ = load_audit_set(samples, backend.classes, backend.contract, 32, fail_fast=True)
             summary, rows = run_audit(backend, audit_set, 32, perturbations=("background_swap",))
@@ -235,6 +234,7 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
             record["inside_mask_share"] = (summary["inside_mask_share"] or {}).get("mean")
             record["background_swap_flip_rate"] = summary["flip_rate"]["background_swap"]
         else:
+            labels = label_indices(samples, backend.classes, manifest)
             scored = score_samples(backend, samples, labels, 32, with_relevance=False)  # the share: the audit's
             record[name] = accuracy_and_auroc(scored.y, scored.probs[:, 1], len(backend.classes))
     record["parameters"] = parameters(backend)
