@@ -78,9 +78,8 @@ SIZE = 128
 EPOCHS = 10
 # --quick: one seed, b = 1, half the epochs (ramp and cosine schedule scaled with the run, as `isnet train`
 # does for any run length) and 96 px (an ISNet step costs 0.57x, a plain one 0.66x of 128 px's; the opacity and
-# the marker scale with the image): a preview that fits 30 min on the 2-core machine's slow evenings, where 5
-# epochs at 128 px took 34 min (docs/benchmarks.md). Its ceiling is under-trained; the published results are
-# the full run's.
+# the marker scale with the image): a preview, 939 s on the 2-core machine, where 5 epochs at 128 px took 34 min
+# on slow evenings (docs/benchmarks.md). The published results are the full run's.
 QUICK_EPOCHS = 5
 QUICK_SIZE = 96
 LATENCY_RUNS = 30
@@ -246,7 +245,9 @@ def _audited_predictions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and P(second class) of every image from the audit's rows (its forward pass of the originals), so
     the flipped set is not forwarded a second time; two classes, so p_predicted determines both."""
-    if len(rows) != expected or len(classes) != 2:
+    if len(classes) != 2:
+        raise SystemExit(f"{manifest}: {len(classes)} classes; the benchmark's test sets have two")
+    if len(rows) != expected:
         raise SystemExit(f"{manifest}: the audit kept {len(rows)} of {expected} images; every test image needs a mask")
     y = np.array([classes.index(r["label"]) for r in rows])
     positive = np.array([r["p_predicted"] if r["predicted"] == classes[1] else 1.0 - r["p_predicted"] for r in rows])
