@@ -16,14 +16,15 @@ from isnet_cli.errors import InputError
 from isnet_cli.io.dicom import write_dicom
 from isnet_cli.io.images import load_image
 from isnet_cli.io.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, max_pixels
-from tests.fuzz import make_cases, png_claiming, run_cases
+from tests.fuzz import SHARED_DICOM, make_cases, png_claiming, run_cases
 
 
 def test_fast_fuzz_subset_ends_in_images_or_one_line_errors(tmp_path: Path) -> None:
     cases = make_cases(tmp_path, seed=1, truncations=8, flips=4)
     subset = [c for i, c in enumerate(cases) if c.kind.startswith("special") or i % 8 == 0]
     tally = run_cases(subset, timeout=20.0)
-    assert tally.tried == len(subset) >= 60
+    minimum = 60 if SHARED_DICOM.is_dir() else 30  # the shared real DICOMs, when present, add their mutations
+    assert tally.tried == len(subset) >= minimum
     assert tally.counts["crash"] == 0 and tally.counts["hang"] == 0, tally.failures
     assert tally.counts["decoded"] > 0 and tally.counts["error"] > 0, tally.line()
     assert tally.peak_rss_mb < 1500, tally.line()
