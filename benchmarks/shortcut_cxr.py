@@ -228,8 +228,8 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
         if name == "flipped":  # the audit's share is `isnet evaluate`'s: |R| of the predicted class
             audit_set, _, _ = load_audit_set(samples, backend.classes, backend.contract, 32, fail_fast=True)
             summary, rows = run_audit(backend, audit_set, 32, perturbations=("background_swap",))
-            y, positive = _audited_predictions(rows, backend.classes, len(samples), manifest)
-            record[name] = accuracy_and_auroc(y, positive, len(backend.classes))
+            positive = _audited_positive(rows, backend.classes, len(samples), manifest)
+            record[name] = accuracy_and_auroc(audit_set.labels, positive, len(backend.classes))
             record["inside_mask_share"] = (summary["inside_mask_share"] or {}).get("mean")
             record["background_swap_flip_rate"] = summary["flip_rate"]["background_swap"]
         else:
@@ -240,18 +240,14 @@ def score(run_dir: Path, tests: dict[str, Path]) -> dict[str, Any]:
     return record
 
 
-def _audited_predictions(
-    rows: list[dict[str, Any]], classes: list[str], expected: int, manifest: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and P(second class) of every image from the audit's rows (its forward pass of the originals), so
-    the flipped set is not forwarded a second time; two classes, so p_predicted determines both."""
+def _audited_positive(rows: list[dict[str, Any]], classes: list[str], expected: int, manifest: Path) -> np.ndarray:
+    """P(second class) of every image from the audit's rows (its forward pass of the originals), so the flipped
+    set is not forwarded a second time; two classes, so p_predicted determines it."""
     if len(classes) != 2:
         raise SystemExit(f"{manifest}: {len(classes)} classes; the benchmark's test sets have two")
     if len(rows) != expected:
         raise SystemExit(f"{manifest}: the audit kept {len(rows)} of {expected} images; every test image needs a mask")
-    y = np.array([classes.index(r["label"]) for r in rows])
-    positive = np.array([r["p_predicted"] if r["predicted"] == classes[1] else 1.0 - r["p_predicted"] for r in rows])
-    return y, positive
+    return np.array([r["p_predicted"] if r["predicted"] == classes[1] else 1.0 - r["p_predicted"] for r in rows])
 
 
 def accuracy_and_auroc(y: np.ndarray, positive: np.ndarray, classes: int) -> dict[str, Any]:
